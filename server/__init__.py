@@ -1,0 +1,1 @@
+"""HTTP server and command line for the engine."""
