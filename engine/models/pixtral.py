@@ -1,0 +1,93 @@
+"""Pixtral vision encoder: patch convolution, RMSNorm, 24 layers of 2-D RoPE attention + SwiGLU.
+
+Images of different sizes are concatenated into one patch sequence; attention stays within each image.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import VisionConfig
+from engine.layers.attention import segment_attention
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import apply_rotary, rope_2d
+
+
+def _linear(n_in: int, n_out: int) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False)
+
+
+class PixtralAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.q_proj = _linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = _linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = _linear(cfg.hidden_size, cfg.hidden_size)
+        self.o_proj = _linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos, sin, lens: list[int]) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_heads, self.head_dim)
+        return self.o_proj(segment_attention(q, k, v, lens, self.head_dim ** -0.5).reshape(n, -1))
+
+
+class PixtralMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PixtralLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, 1e-5)
+        self.attention = PixtralAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, 1e-5)
+        self.feed_forward = PixtralMLP(cfg)
+
+    def forward(self, h, cos, sin, lens):
+        h = h + self.attention(self.attention_norm(h), cos, sin, lens)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class PixtralTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(PixtralLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class PixtralVisionModel(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_conv = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.ln_pre = RMSNorm(cfg.hidden_size, 1e-5)
+        self.transformer = PixtralTransformer(cfg)
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """images: normalized [3, H, W] tensors, H and W multiples of the patch size (each its own size,
+        never padded). Returns the last layer's [sum of patches, hidden] and each image's patch grid."""
+        embeds, grids, rows, cols = [], [], [], []
+        for img in images:
+            p = self.patch_conv(img.unsqueeze(0).to(self.patch_conv.weight.dtype))[0]   # [hidden, h, w]
+            h, w = p.shape[1:]
+            embeds.append(p.flatten(1).t())                                              # row-major patches
+            grids.append((h, w))
+            r, c = torch.meshgrid(torch.arange(h, device=p.device), torch.arange(w, device=p.device),
+                                  indexing="ij")
+            rows.append(r.flatten())
+            cols.append(c.flatten())
+        x = self.ln_pre(torch.cat(embeds))
+        cos, sin = rope_2d(torch.cat(rows), torch.cat(cols), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        lens = [h * w for h, w in grids]
+        for layer in self.transformer.layers:
+            x = layer(x, cos, sin, lens)
+        return x, grids

@@ -1,0 +1,307 @@
+"""Finding, checking and streaming the checkpoint into the model.
+
+Two formats of the same weights exist (weights.md):
+- "hf": config.json + model-XXXXX-of-XXXXX.safetensors (+ index), keys as transformers 4.50 saved them
+  (`language_model.model.*`) or as 5.x saves them (`model.language_model.*`);
+- "mistral" (native): params.json + consolidated.safetensors, Mistral names, q/k laid out for interleaved RoPE.
+A directory holding both is loaded in exactly one format (`load_format`).
+
+Loading is strict and happens in two phases: first every file's header is read and checked against the
+model (missing, unexpected, misshapen tensors and unreadable files are all reported in one error), then
+tensors stream one at a time into parameters preallocated on the target device. Nothing is returned unless
+every parameter was written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from engine.config import ModelConfig, load_config
+from engine.models.mistral3 import Mistral3ForConditionalGeneration
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
+LOAD_FORMATS = ("auto", "hf", "mistral")
+_HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json",
+             "generation_config.json"]
+_NATIVE_FILES = ["params.json", "consolidated.safetensors", "tekken.json"]
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be used as it is: the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    format: str                 # "hf" or "mistral"
+    config_path: Path
+    files: tuple[Path, ...]     # safetensors files to read
+
+    def config(self) -> ModelConfig:
+        return load_config(self.config_path)
+
+
+# ---- where the files are ---------------------------------------------------------------------------------
+def resolve(model: str | os.PathLike, load_format: str = "auto", revision: str | None = None) -> Checkpoint:
+    """A local directory, or a hub id fetched with huggingface_hub (downloaded when online, the local cache
+    when offline)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _select(path, load_format)
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise CheckpointError(f"{model}: not a model directory, and not a hub id of the form 'org/name'. "
+                              "See weights.md for the files a model directory needs.")
+    return _select(_download(str(model), load_format, revision), load_format)
+
+
+def _download(repo_id: str, load_format: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = _NATIVE_FILES if load_format == "mistral" else _HF_FILES
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as online_error:     # offline, no network, gated repo without token, ...
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          local_files_only=True))
+        except Exception:
+            raise CheckpointError(
+                f"{repo_id}: cannot download it ({type(online_error).__name__}: {online_error}) and no "
+                f"complete copy is in the local Hugging Face cache. Download it on a machine with network "
+                f"access (see weights.md: which files, how to log in for this gated repo), then pass the "
+                f"directory, or copy the cache here.") from None
+
+
+def _select(d: Path, load_format: str) -> Checkpoint:
+    hf_files = sorted(d.glob("model*.safetensors"))
+    has_hf = (d / "config.json").is_file() and bool(hf_files)
+    has_native = (d / "params.json").is_file() and (d / "consolidated.safetensors").is_file()
+    if load_format == "auto":
+        if not (has_hf or has_native):
+            raise CheckpointError(
+                f"{d}: no checkpoint found: need config.json + model*.safetensors (HF format) or "
+                f"params.json + consolidated.safetensors (native format); see weights.md")
+        # The HF config.json of this model is published and exactly known; prefer it when both exist.
+        load_format = "hf" if has_hf else "mistral"
+        if has_hf and has_native:
+            log.warning("%s holds both checkpoint formats; loading the HF format (config.json + %d "
+                        "model*.safetensors). Pass load_format='mistral' (--load-format mistral) to load "
+                        "params.json + consolidated.safetensors instead.", d, len(hf_files))
+    if load_format == "hf":
+        if not has_hf:
+            raise CheckpointError(f"{d}: load_format 'hf' needs config.json and model*.safetensors")
+        return Checkpoint(d, "hf", d / "config.json", tuple(_hf_shards(d, hf_files)))
+    if not has_native:
+        raise CheckpointError(f"{d}: load_format 'mistral' needs params.json and consolidated.safetensors")
+    return Checkpoint(d, "mistral", d / "params.json", (d / "consolidated.safetensors",))
+
+
+def _hf_shards(d: Path, found: list[Path]) -> list[Path]:
+    """The shards named by model.safetensors.index.json (all of them must exist), else every model*.safetensors."""
+    index = d / "model.safetensors.index.json"
+    if not index.is_file():
+        return found
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: unreadable index ({e})") from None
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shard files that are not in {d}: {', '.join(missing)}")
+    return [d / n for n in names]
+
+
+# ---- checkpoint names -> module names ----------------------------------------------------------------------
+Transform = Callable[[torch.Tensor], torch.Tensor] | None
+
+# transformers >= 4.52 saves under model.*; our modules follow the 4.50 names.
+_HF_PREFIXES = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")]
+
+_NATIVE_TABLE = [
+    (r"tok_embeddings\.weight", "language_model.model.embed_tokens.weight"),
+    (r"norm\.weight", "language_model.model.norm.weight"),
+    (r"output\.weight", "language_model.lm_head.weight"),
+    (r"layers\.(\d+)\.attention_norm\.weight", r"language_model.model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.attention\.wq\.weight", r"language_model.model.layers.\1.self_attn.q_proj.weight"),
+    (r"layers\.(\d+)\.attention\.wk\.weight", r"language_model.model.layers.\1.self_attn.k_proj.weight"),
+    (r"layers\.(\d+)\.attention\.wv\.weight", r"language_model.model.layers.\1.self_attn.v_proj.weight"),
+    (r"layers\.(\d+)\.attention\.wo\.weight", r"language_model.model.layers.\1.self_attn.o_proj.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"language_model.model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"language_model.model.layers.\1.mlp.gate_proj.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"language_model.model.layers.\1.mlp.down_proj.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"language_model.model.layers.\1.mlp.up_proj.weight"),
+    (r"vision_encoder\.patch_conv\.weight", "vision_tower.patch_conv.weight"),
+    (r"vision_encoder\.ln_pre\.weight", "vision_tower.ln_pre.weight"),
+    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.w([qkvo])\.weight",
+     r"vision_tower.transformer.layers.\1.attention.\2_proj.weight"),
+    (r"vision_encoder\.transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.weight",
+     r"vision_tower.transformer.layers.\1.\2.weight"),
+    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w1\.weight",
+     r"vision_tower.transformer.layers.\1.feed_forward.gate_proj.weight"),
+    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w2\.weight",
+     r"vision_tower.transformer.layers.\1.feed_forward.down_proj.weight"),
+    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w3\.weight",
+     r"vision_tower.transformer.layers.\1.feed_forward.up_proj.weight"),
+    (r"pre_mm_projector_norm\.weight", "multi_modal_projector.norm.weight"),
+    (r"patch_merger\.merging_layer\.weight", "multi_modal_projector.patch_merger.merging_layer.weight"),
+    (r"vision_language_adapter\.w_in\.weight", "multi_modal_projector.linear_1.weight"),
+    (r"vision_language_adapter\.w_out\.weight", "multi_modal_projector.linear_2.weight"),
+]
+_NATIVE_TABLE = [(re.compile(p), r) for p, r in _NATIVE_TABLE]
+
+
+def rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Native q/k rows (interleaved RoPE pairs per head) -> HF rows (rotate-half halves per head)."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of rope_permute: HF rows -> native rows."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def map_name(key: str, fmt: str, cfg: ModelConfig) -> tuple[str, Transform] | None:
+    """The module parameter a checkpoint tensor belongs to, and the transform it needs; None if unknown."""
+    if fmt == "hf":
+        for old, new in _HF_PREFIXES:
+            if key.startswith(old):
+                return new + key[len(old):], None
+        return key, None
+    for pat, repl in _NATIVE_TABLE:
+        if pat.fullmatch(key):
+            name = pat.sub(repl, key)
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+                heads = cfg.text.num_attention_heads if ".q_proj" in name else cfg.text.num_key_value_heads
+                return name, lambda w, h=heads: rope_permute(w, h)
+            if name.endswith(("attention.q_proj.weight", "attention.k_proj.weight")):
+                return name, lambda w, h=cfg.vision.num_attention_heads: rope_permute(w, h)
+            return name, None
+    return None
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+
+
+@dataclass
+class _Entry:
+    file: Path
+    key: str
+    param: str
+    transform: Transform
+    nbytes: int
+
+
+def plan(ckpt: Checkpoint, model: torch.nn.Module) -> list[_Entry]:
+    """Read only the headers and match every tensor to a parameter. Raises one CheckpointError listing all
+    unreadable files, unknown, duplicate, missing and misshapen tensors."""
+    cfg = ckpt.config()
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    entries: dict[str, _Entry] = {}
+    present: set[str] = set()          # matched a parameter, whether usable or not
+    bad_files, unexpected, misshapen, duplicate, bad_dtype = [], [], [], [], []
+    for f in ckpt.files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key in st.keys():
+                    sl = st.get_slice(key)
+                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    mapped = map_name(key, ckpt.format, cfg)
+                    if mapped is None or mapped[0] not in expected:
+                        unexpected.append(f"{key} ({f.name})")
+                        continue
+                    name, transform = mapped
+                    if name in present:
+                        duplicate.append(f"{key} ({f.name}; mapped to {name} twice)")
+                    elif shape != expected[name]:
+                        misshapen.append(f"{key}: {list(shape)} in {f.name}, expected {list(expected[name])}")
+                    elif dtype not in _FLOAT_DTYPES:
+                        bad_dtype.append(f"{key}: dtype {dtype}")
+                    else:
+                        n = 1
+                        for s in shape:
+                            n *= s
+                        entries[name] = _Entry(f, key, name, transform, n * _itemsize(dtype))
+                    present.add(name)
+        except (SafetensorError, OSError) as e:
+            bad_files.append(f"{f}: corrupt or truncated safetensors file ({e})")
+    missing = [n for n in expected if n not in present]
+    problems = []
+    for title, items in (("unreadable files", bad_files), ("missing tensors", missing),
+                         ("unexpected tensors", unexpected), ("misshapen tensors", misshapen),
+                         ("duplicate tensors", duplicate), ("unsupported dtypes", bad_dtype)):
+        if items:
+            shown = items if len(items) <= 50 else items[:50] + [f"... and {len(items) - 50} more"]
+            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.directory} ({ckpt.format} format) does not match "
+                              f"Mistral3ForConditionalGeneration:\n" + "\n".join(problems))
+    return sorted(entries.values(), key=lambda e: (str(e.file), e.key))
+
+
+def _itemsize(dtype: str) -> int:
+    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[dtype]
+
+
+def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
+                ) -> Mistral3ForConditionalGeneration:
+    """The module tree built on the meta device, then given empty storage directly on the target
+    device and dtype: no throwaway initialization, no second copy."""
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(cfg)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                     requires_grad=False))
+    return model.eval()
+
+
+def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               progress: bool = True) -> Mistral3ForConditionalGeneration:
+    cfg = ckpt.config()
+    with torch.device("meta"):
+        skeleton = Mistral3ForConditionalGeneration(cfg)
+    entries = plan(ckpt, skeleton)                       # fails before any weight data is read
+    model = materialize(cfg, device, dtype)
+    params = dict(model.named_parameters())
+    written = set()
+    bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress,
+               desc=f"loading {ckpt.format} weights")
+    by_file: dict[Path, list[_Entry]] = {}
+    for e in entries:
+        by_file.setdefault(e.file, []).append(e)
+    for f, file_entries in by_file.items():
+        try:
+            with safe_open(f, framework="pt", device="cpu") as st:
+                for e in file_entries:
+                    t = st.get_tensor(e.key)
+                    if e.transform is not None:
+                        t = e.transform(t)
+                    params[e.param].copy_(t)          # dtype conversion and host->device copy in one step
+                    del t
+                    written.add(e.param)
+                    bar.update(e.nbytes)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{f}: failed while reading tensor data ({err}); the file is corrupt or "
+                                  "truncated") from None
+    bar.close()
+    if len(written) != len(params):   # cannot happen after plan(); never hand out a half-loaded model
+        raise CheckpointError(f"internal: {len(params) - len(written)} parameters were not loaded")
+    return model

@@ -1,0 +1,50 @@
+"""Shared fixtures: random-weight checkpoints of the real architecture, written once per session."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.tiny_checkpoint import TINY, write_checkpoint
+from engine.tokenizer import write_tekken_v7
+
+
+@pytest.fixture(scope="session")
+def tekken_path(tmp_path_factory) -> Path:
+    return write_tekken_v7(tmp_path_factory.mktemp("tekken") / "tekken.json")
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tekken_path):
+    """make_checkpoint(fmt="hf", keys="4.50", config_style="4.50", seed=0, cfg=TINY) -> directory.
+    The same seed gives the same weights in every layout."""
+    made = {}
+
+    def make(fmt="hf", keys="4.50", config_style="4.50", seed=0, cfg=TINY) -> Path:
+        key = (fmt, keys, config_style, seed, cfg)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"ckpt-{fmt}-{keys}-{config_style}-{seed}")
+            (d / "tekken.json").symlink_to(tekken_path)
+            made[key] = write_checkpoint(d, cfg, fmt, keys, config_style, seed)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(make_checkpoint) -> Path:
+    return make_checkpoint("hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_dir):
+    from engine import LLM
+    return LLM(tiny_dir, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    """transformers' Mistral3ForConditionalGeneration on the same weights: the reference."""
+    from transformers import Mistral3ForConditionalGeneration
+    return Mistral3ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
