@@ -5,18 +5,14 @@ is a name table.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TextConfig
 from engine.forward_context import ForwardContext
 from engine.layers.attention import causal_attention
+from engine.layers.mlp import SwiGLU, linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import apply_rotary, rope_1d
-
-
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False)
 
 
 class MistralAttention(nn.Module):
@@ -26,10 +22,10 @@ class MistralAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, \
             cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.q_proj = _linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim)
-        self.k_proj = _linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
-        self.v_proj = _linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
-        self.o_proj = _linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
+        self.q_proj = linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim)
+        self.k_proj = linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
+        self.v_proj = linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
+        self.o_proj = linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]
@@ -40,24 +36,13 @@ class MistralAttention(nn.Module):
         return self.o_proj(o.reshape(n, -1))
 
 
-class MistralMLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MistralDecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MistralAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MistralMLP(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
@@ -85,4 +70,4 @@ class MistralForCausalLM(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.model = MistralModel(cfg)
-        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size)   # untied from embed_tokens
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)   # untied from embed_tokens

@@ -4,27 +4,23 @@ Images of different sizes are concatenated into one patch sequence; attention st
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VisionConfig
 from engine.layers.attention import segment_attention
+from engine.layers.mlp import SwiGLU, linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import apply_rotary, rope_2d
-
-
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False)
 
 
 class PixtralAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = _linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = _linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = _linear(cfg.hidden_size, cfg.hidden_size)
-        self.o_proj = _linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = linear(cfg.hidden_size, cfg.hidden_size)
+        self.o_proj = linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cos, sin, lens: list[int]) -> torch.Tensor:
         n = x.shape[0]
@@ -34,24 +30,13 @@ class PixtralAttention(nn.Module):
         return self.o_proj(segment_attention(q, k, v, lens, self.head_dim ** -0.5).reshape(n, -1))
 
 
-class PixtralMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class PixtralLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, 1e-5)
         self.attention = PixtralAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, 1e-5)
-        self.feed_forward = PixtralMLP(cfg)
+        self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h, cos, sin, lens):
         h = h + self.attention(self.attention_norm(h), cos, sin, lens)
