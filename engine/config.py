@@ -159,8 +159,9 @@ class ModelConfig:
             head_dim=int(p.get("head_dim", dim // n_heads)),
             rope_theta=float(p.get("rope_theta", 1_000_000_000.0)),
             rms_norm_eps=_req(p, "norm_eps", float, "params.json"),
-            # params.json may omit max_seq_len; vLLM's Mistral format then assumes 128,000
-            max_position_embeddings=int(p.get("max_seq_len", p.get("max_position_embeddings", 128_000))),
+            # params.json may omit max_seq_len: the model attends over 131,072 positions (the engine caps
+            # the served window at 128,000 by default, as the hosted model does)
+            max_position_embeddings=int(p.get("max_seq_len", p.get("max_position_embeddings", 131_072))),
         )
         vhidden = _req(v, "hidden_size", int, "params.json vision_encoder")
         vheads = _req(v, "num_attention_heads", int, "params.json vision_encoder")
@@ -253,3 +254,25 @@ def _rope_theta(d: dict, where: str) -> float:
     if "rope_theta" in d:
         return float(d["rope_theta"])
     raise ConfigError(f"{where}: rope_theta is missing (neither flat nor in rope_parameters)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving limits and memory. `max_model_len` is the context window (prompt + max_tokens): 128,000 by
+    default as the hosted model enforces; it may be raised to the model's 131,072."""
+    max_model_len: int = 128_000
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048     # per step; also the prefill chunk size
+    block_size: int = 16
+    kv_cache_memory: int | None = None     # bytes for the KV pool; default: measured (GPU) or 2 GiB (CPU)
+    gpu_memory_utilization: float = 0.90   # fraction of the GPU the engine may fill, KV pool included
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be a positive number of bytes")

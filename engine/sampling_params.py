@@ -3,40 +3,114 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+MAX_STOP = 16            # stop strings per request
+MAX_LOGPROBS = 20        # OpenAI's top_logprobs ceiling
+MAX_SEED = 2**63 - 1     # fits an int64 tensor
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """The union of what the hosted Workers AI schema and the OpenAI API accept; each HTTP route checks its own
+    narrower ranges before building one. Edge values and what they mean:
+
+    - max_tokens >= 1 (hosted default 256).
+    - temperature >= 0 (hosted default 0.15). 0 = greedy. Values above 2 are valid (the hosted schema allows up
+      to 5): temperature 5 flattens the distribution towards uniform, and the math stays finite (no NaN).
+    - top_p >= 0. Values >= 1 turn nucleus sampling off (the hosted schema allows up to 2). 0 keeps only the most
+      likely token, i.e. greedy, never an empty distribution.
+    - top_k: 0 or -1 = off; k >= 1 keeps the k most likely tokens (1 = greedy).
+    - seed: None (the engine draws one) or 0..2**63-1 (hosted: 1..9999999999). Same seed + params + prompt
+      give the same tokens, whatever else is in the batch.
+    - repetition_penalty >= 0 (vLLM/HF semantics over prompt + generated tokens: positive logits are divided by
+      it, negative ones multiplied). 1 = off, and 0 = off too: the hosted schema allows 0, and dividing by zero
+      has no meaning.
+    - frequency_penalty, presence_penalty in [-2, 2] (OpenAI semantics over generated tokens only:
+      logit -= frequency_penalty * count + presence_penalty * (count > 0)). 0 = off.
+    - stop: a string or a sequence of up to 16 non-empty strings, kept as a tuple. stop_token_ids: token ids.
+    - min_tokens in [0, max_tokens]: EOS and stop_token_ids cannot be sampled before that many tokens
+      (as in vLLM, ignore_eos changes only whether EOS stops the request, not this ban).
+    - logprobs: None = off; 0 = the chosen token's logprob only; 1..20 = plus that many top alternatives.
+    """
+
     max_tokens: int = 256            # the hosted model's default
     temperature: float = 0.15        # the model card's recommendation and the hosted default; 0 = greedy
     top_p: float = 1.0               # >= 1 disables nucleus sampling
-    top_k: int = 0                   # 0 disables top-k
+    top_k: int = 0                   # 0 (or -1) disables top-k
     seed: int | None = None
     ignore_eos: bool = False
+    # fields added after the first six keep the original positional order intact
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
         def bad(field: str, why: str):
             raise ValueError(f"{field}: {why}")
 
-        for name in ("temperature", "top_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
-                bad(name, f"must be a finite number, got {v!r}")
-        if self.temperature < 0:
-            bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_p < 0:
-            bad("top_p", f"must be >= 0, got {self.top_p}")
-        for name in ("max_tokens", "top_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                bad(name, f"must be an integer, got {v!r}")
-        if self.max_tokens < 1:
-            bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
-        if self.top_k < 0:
-            bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", f"must be an integer, got {self.seed!r}")
+        def number(field: str, lo: float, hi: float = math.inf):
+            v = getattr(self, field)
+            # bool is an int subclass: True as a temperature is a client bug, not 1.0
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                bad(field, f"must be a number, got {v!r}")
+            if not math.isfinite(v):
+                bad(field, f"must be finite, got {v!r}")
+            if v < lo:
+                bad(field, f"must be >= {lo:g}, got {v!r}")
+            if v > hi:
+                bad(field, f"must be <= {hi:g}, got {v!r}")
+            object.__setattr__(self, field, float(v))
+
+        def integer(field: str, v, lo: int, hi: int | None = None) -> int:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                bad(field, f"must be an integer, got {v!r}")
+            if v < lo:
+                bad(field, f"must be >= {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                bad(field, f"must be <= {hi}, got {v!r}")
+            return int(v)
+
+        def set_int(field: str, lo: int, hi: int | None = None):
+            object.__setattr__(self, field, integer(field, getattr(self, field), lo, hi))
+
+        set_int("max_tokens", 1)
+        number("temperature", 0.0)
+        number("top_p", 0.0)
+        set_int("top_k", -1)
+        if self.seed is not None:
+            set_int("seed", 0, MAX_SEED)
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        number("repetition_penalty", 0.0)
+        number("frequency_penalty", -2.0, 2.0)
+        number("presence_penalty", -2.0, 2.0)
+
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)):
+            bad("stop", f"must be a string or a list of strings, got {type(stop).__name__}")
+        if len(stop) > MAX_STOP:
+            bad("stop", f"at most {MAX_STOP} strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                bad("stop", f"each entry must be a non-empty string, got {s!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)):
+            bad("stop_token_ids", f"must be a list of integers, got {type(ids).__name__}")
+        object.__setattr__(self, "stop_token_ids", tuple(integer("stop_token_ids", t, 0) for t in ids))
+
+        set_int("min_tokens", 0, self.max_tokens)
+        if self.logprobs is not None:
+            set_int("logprobs", 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:

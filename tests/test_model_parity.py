@@ -1,44 +1,17 @@
 """Our model vs transformers' Mistral3ForConditionalGeneration on the same random weights (fp32, CPU)."""
 
-import base64
-import io
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine import SamplingParams
 from engine.forward_context import ForwardContext
+from util import hf_greedy, hf_pixels, image_chat
 
 TOL = 1e-4
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def data_uri(w: int, h: int, seed: int) -> str:
-    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def image_chat(sizes, text="Describe these."):
-    parts = [{"type": "image_url", "image_url": {"url": data_uri(w, h, i)}} for i, (w, h) in enumerate(sizes)]
-    return [{"role": "system", "content": "You see images."},
-            {"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
-
-
-def hf_pixels(images: list[np.ndarray]):
-    """HF takes one zero-padded batch plus each image's true size."""
-    h = max(i.shape[1] for i in images)
-    w = max(i.shape[2] for i in images)
-    pv = torch.zeros(len(images), 3, h, w)
-    for k, img in enumerate(images):
-        pv[k, :, :img.shape[1], :img.shape[2]] = torch.from_numpy(img)
-    return pv, torch.tensor([[i.shape[1], i.shape[2]] for i in images])
 
 
 def our_logits(llm, ids: list[int], images=()):
@@ -81,20 +54,11 @@ def test_image_logits_match_transformers(tiny_llm, hf_model, sizes):
     assert rel_err(text_only, ref) > 1e-2      # the images really changed the reference's logits
 
 
-def hf_greedy(hf_model, ids, n, **images):
-    out = hf_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            **images)
-    return out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("kind", ["text", "images"])
 def test_greedy_tokens_match_transformers(tiny_llm, hf_model, kind):
     chat = TEXT_CHATS[1] if kind == "text" else image_chat([(120, 90), (60, 200)])
     enc = tiny_llm.tokenizer.encode_chat(chat)
-    extra = {}
-    if enc.images:
-        extra["pixel_values"], extra["image_sizes"] = hf_pixels(enc.images)
-    ref = hf_greedy(hf_model, enc.token_ids, 32, **extra)
+    ref = hf_greedy(hf_model, enc.token_ids, 32, enc.images)
     out = tiny_llm.generate(chat, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     assert out.prompt_token_ids == enc.token_ids
     assert out.token_ids == ref

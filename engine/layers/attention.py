@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from engine.forward_context import ForwardContext
 
+QUERY_BLOCK = 1024
+
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
@@ -43,20 +45,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
     out = torch.empty_like(q)
     start = 0
     for i, (ql, sl) in enumerate(zip(qlens, slens)):
-        qi = q[start:start + ql]
         if ctx.kv_caches is not None:
-            ki = _gather(k_cache, ctx.block_tables[i], sl)
-            vi = _gather(v_cache, ctx.block_tables[i], sl)
+            ki = _gather(k_cache, ctx.block_tables[i], sl).transpose(0, 1)
+            vi = _gather(v_cache, ctx.block_tables[i], sl).transpose(0, 1)
         else:
-            ki, vi = k[start:start + ql], v[start:start + ql]
-        # query j sits at context position sl - ql + j; mask keys beyond it
-        mask = None
-        if ql > 1:
-            qpos = torch.arange(sl - ql, sl, device=q.device)[:, None]
+            ki, vi = k[start:start + ql].transpose(0, 1), v[start:start + ql].transpose(0, 1)
+        # query j sits at context position sl - ql + j and sees keys 0..that position. Long prefills are
+        # split into query blocks so the score matrix stays [heads, QUERY_BLOCK, sl].
+        for lo in range(0, ql, QUERY_BLOCK):
+            hi = min(lo + QUERY_BLOCK, ql)
+            qpos = torch.arange(sl - ql + lo, sl - ql + hi, device=q.device)[:, None]
             mask = torch.arange(sl, device=q.device)[None, :] <= qpos
-        o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                           attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:start + ql] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(q[start + lo:start + hi].transpose(0, 1), ki, vi, attn_mask=mask,
+                                               scale=scale, enable_gqa=True)
+            out[start + lo:start + hi] = o.transpose(0, 1)
         start += ql
     return out
 

@@ -1,0 +1,131 @@
+"""AsyncLLM: one engine thread, many asyncio callers.
+
+The engine loop owns LLMEngine and runs on its own thread; callers never block it. They talk to it through
+a command queue (add, abort) that the loop drains before every step, and receive outputs on per-request
+asyncio queues filled with `call_soon_threadsafe`. Tokenization and image decoding run in the caller's
+worker thread, never on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import uuid
+from collections import deque
+from typing import AsyncIterator
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; no request can run until the process restarts."""
+
+
+class AsyncLLM:
+    def __init__(self, model=None, engine: LLMEngine | None = None, **kwargs):
+        self.engine = engine or LLMEngine(model, **kwargs)
+        self._commands: deque = deque()
+        self._wake = threading.Event()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_dead(self) -> bool:
+        return self.error is not None
+
+    async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     raw: bool = False, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's output after every step that changed it; the last one has `finished` set.
+        Bad requests raise before anything is queued. Closing the iterator early (client gone) aborts the
+        request: its blocks are free within one engine step."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine loop died: {self.error!r}")
+        enc = await asyncio.to_thread(self.engine.encode, prompt, raw, tools)
+        req = self.engine.make_request(enc, params, request_id or uuid.uuid4().hex)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._sinks[req.request_id] = (asyncio.get_running_loop(), queue)
+        self._command(("add", req))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._sinks.pop(req.request_id, None)
+            if not finished:
+                self.abort(req.request_id)
+
+    async def generate(self, prompt, params: SamplingParams | None = None, **kwargs) -> RequestOutput:
+        out = None
+        async for out in self.stream(prompt, params, **kwargs):
+            pass
+        return out
+
+    def abort(self, request_id: str) -> None:
+        self._command(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # ---- engine thread -------------------------------------------------------------------------------------
+    def _command(self, cmd) -> None:
+        self._commands.append(cmd)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        sink = self._sinks.get(request_id)
+        if sink is not None:
+            loop, queue = sink
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            kind, arg = self._commands.popleft()
+            if kind == "add":
+                if arg.request_id in self._sinks:       # the caller may have gone before it was added
+                    self.engine.submit(arg)
+            else:
+                out = self.engine.abort(arg)
+                if out is not None:
+                    self._deliver(arg, _snapshot(out))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._wake.clear()
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, _snapshot(out))
+        except BaseException as e:      # noqa: BLE001 - every waiting caller must hear about it
+            log.exception("engine loop died")
+            self.error = e
+            dead = EngineDeadError(f"the engine loop died: {e!r}")
+            for request_id in list(self._sinks):
+                self._deliver(request_id, dead)
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """The engine keeps mutating its RequestOutput; callers get a copy frozen at this step."""
+    snap = copy.copy(out)
+    snap.token_ids = list(out.token_ids)
+    snap.logprobs = None if out.logprobs is None else list(out.logprobs)
+    return snap

@@ -1,0 +1,142 @@
+"""Turns a scheduler step into tensors, runs the vision encoder and the decoder, samples.
+
+Owns the model, the KV pool (one tensor, allocated once and never reallocated while serving) and the
+sampler. Images are encoded once, on the step that first reaches their placeholders; their embeddings stay
+on the request until its prefill has passed them (a prompt may be prefilled in several chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.forward_context import ForwardContext
+from engine.models.mistral3 import Mistral3ForConditionalGeneration
+from engine.request import Request
+from engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+CPU_DEFAULT_KV_BYTES = 2 * 2**30
+
+
+class ModelRunner:
+    def __init__(self, model: Mistral3ForConditionalGeneration, config: EngineConfig, eos_id: int):
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.config = config
+        self.eos_id = eos_id
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.sampler = Sampler()
+        t = self.cfg.text
+        self.block_bytes = 2 * t.num_hidden_layers * config.block_size * t.num_key_value_heads * t.head_dim \
+            * self.dtype.itemsize
+        self.num_blocks = self._kv_budget() // self.block_bytes
+        if self.num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (one block needs {self.block_bytes} bytes); "
+                               "lower max_num_batched_tokens or raise gpu_memory_utilization / kv_cache_memory")
+        # [layers, 2, blocks, block_size, kv_heads, head_dim]; each layer gets (k, v) views of it
+        self.kv_cache = torch.empty((t.num_hidden_layers, 2, self.num_blocks, config.block_size,
+                                     t.num_key_value_heads, t.head_dim), dtype=self.dtype, device=self.device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.config.block_size
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BYTES
+        return self._profile_gpu()
+
+    @torch.inference_mode()
+    def _profile_gpu(self) -> int:
+        """Free memory for the pool = utilization × total − (weights + the worst step's activations + what
+        other processes hold). The worst step is a full token budget plus one maximum-size image."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free_before, total = torch.cuda.mem_get_info(self.device)
+        side = self.cfg.vision.image_size
+        image = torch.zeros(3, side, side, dtype=self.dtype, device=self.device)
+        embeds = self.model.encode_images([image])[0]
+        n = self.config.max_num_batched_tokens
+        ids = torch.full((n,), self.cfg.image_token_id, dtype=torch.long, device=self.device)
+        ids[embeds.shape[0]:] = self.eos_id
+        hidden = self.model(ids, torch.arange(n, device=self.device), ForwardContext.for_prefill([n], self.device),
+                            embeds[:n])
+        self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):]).float()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del image, embeds, ids, hidden
+        torch.cuda.empty_cache()
+        used_by_others = total - free_before - torch.cuda.memory_reserved(self.device)
+        budget = int(total * self.config.gpu_memory_utilization) - peak - max(used_by_others, 0)
+        log.info("GPU memory: total %.1f GiB, weights+peak activations %.1f GiB, KV pool %.1f GiB",
+                 total / 2**30, peak / 2**30, budget / 2**30)
+        return budget
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
+        """Compute the step's tokens; sample one token for each request whose known tokens are now all
+        cached (in `sched.scheduled` order, skipping those that only prefilled a chunk)."""
+        bs = self.config.block_size
+        ids, positions, slots, qlens, slens, tables, embeds = [], [], [], [], [], [], []
+        for s in sched.scheduled:
+            req, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_tokens
+            ids += req.token_ids(start, end)
+            pos = np.arange(start, end)
+            positions.append(pos)
+            table = np.asarray(req.block_ids, dtype=np.int64)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            qlens.append(s.num_tokens)
+            slens.append(end)
+            tables.append(req.block_ids)
+            embeds += self._image_embeds(req, start, end)
+        dev = self.device
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        ctx = ForwardContext(
+            cu_seqlens_q=torch.tensor(np.cumsum([0] + qlens), dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            block_tables=block_tables.to(dev, non_blocking=True), kv_caches=self.kv_caches,
+            query_lens_cpu=qlens, seq_lens_cpu=slens)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
+        hidden = self.model(input_ids, pos, ctx, torch.cat(embeds) if embeds else None)
+
+        samplers = [k for k, s in enumerate(sched.scheduled) if s.samples]
+        if not samplers:
+            return None
+        rows = torch.tensor(np.cumsum(qlens)[samplers] - 1, dtype=torch.long).to(dev, non_blocking=True)
+        logits = self.model.compute_logits(hidden[rows]).float()
+        reqs = [sched.scheduled[k].request for k in samplers]
+        batch = SamplingBatch.build([r.params for r in reqs], [r.seed for r in reqs],
+                                    [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
+                                    self.eos_id, logits.shape[-1], dev)
+        return self.sampler(logits, batch)
+
+    def _image_embeds(self, req: Request, start: int, end: int) -> list[torch.Tensor]:
+        """Embedding rows for the [IMG] tokens among prompt positions [start, end), in order; encodes each
+        image the first time a step reaches it and drops it once the prefill has passed its placeholders."""
+        out = []
+        for img in req.images:
+            if img.end <= start or img.start >= end:
+                continue
+            lo, hi = np.searchsorted(img.img_positions, [start, end])
+            if hi > lo:
+                if img.embeds is None:
+                    pixels = torch.from_numpy(img.pixels).to(self.device, self.dtype)
+                    img.embeds = self.model.encode_images([pixels])[0]
+                out.append(img.embeds[lo:hi])
+            if end >= img.end:
+                img.embeds = None
+        return out
