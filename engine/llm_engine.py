@@ -55,6 +55,16 @@ class ContextWindowError(ValueError):
         self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
 
 
+class _HostSamples:
+    """A step's sampler output as Python lists."""
+
+    def __init__(self, out):
+        self.token_ids = out.token_ids.tolist()
+        self.logprobs = None if out.logprobs is None else out.logprobs.tolist()
+        self.top_ids = None if out.top_ids is None else out.top_ids.tolist()
+        self.top_logprobs = None if out.top_logprobs is None else out.top_logprobs.tolist()
+
+
 @dataclass
 class _Tracked:
     request: Request
@@ -189,6 +199,8 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         sampled = self.runner.execute(sched)
+        if sampled is not None:     # one device->host copy per step, not one per request
+            sampled = _HostSamples(sampled)
         changed = []
         row = 0
         for s in sched.scheduled:
@@ -208,16 +220,16 @@ class LLMEngine:
 
     def _append(self, tracked: _Tracked, sampled, row: int) -> None:
         req, out, p = tracked.request, tracked.output, tracked.request.params
-        token = int(sampled.token_ids[row])
+        token = sampled.token_ids[row]
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.output_token_ids.append(token)
         out.delta_text, out.delta_token_ids, out.delta_logprobs = "", [token], []
         out.token_ids.append(token)
         if p.logprobs is not None:
-            top = [] if sampled.top_ids is None or not p.logprobs else \
-                list(zip(sampled.top_ids[row, :p.logprobs].tolist(), sampled.top_logprobs[row, :p.logprobs].tolist()))
-            lp = TokenLogprob(token, float(sampled.logprobs[row]), top)
+            top = [] if not p.logprobs else \
+                list(zip(sampled.top_ids[row][:p.logprobs], sampled.top_logprobs[row][:p.logprobs]))
+            lp = TokenLogprob(token, sampled.logprobs[row], top)
             out.logprobs.append(lp)
             out.delta_logprobs = [lp]
         is_eos = token == self.tokenizer.eos_id and not p.ignore_eos

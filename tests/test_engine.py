@@ -144,14 +144,24 @@ def test_prefix_cache_never_shares_blocks_between_different_images(llm):
     idle_and_clean(llm)
 
 
-def test_long_prompt_chunked_prefill_equals_unchunked(tiny_dir):
+def test_long_prompt_chunked_prefill_equals_unchunked(make_checkpoint):
+    """A 32k-token prompt through 2048-token chunks under a KV pool barely larger than the sequence gives the
+    same tokens as one unchunked prefill. (One layer, two heads: the reference attention is quadratic.)"""
+    from dataclasses import replace
+
+    from engine.tiny_checkpoint import TINY
+    cfg = replace(TINY, text=replace(TINY.text, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    d = make_checkpoint(cfg=cfg)
     ids = [1] + [1000 + (i * 7919) % 120000 for i in range(32_768)]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    kv = (len(ids) + 64) * 512 + 16 * 512         # barely more than this one sequence needs
-    chunked = make_llm(tiny_dir, kv_cache_memory=kv, max_num_batched_tokens=2048)
+    per_token = 2 * 1 * 16 * 4                     # K and V, one layer, one KV head of 16 floats
+    kv = (len(ids) + 64) * per_token
+    chunked = make_llm(d, kv_cache_memory=kv, max_num_batched_tokens=2048)
+    steps = record_steps(chunked.engine)
     out = chunked.generate(ids, params)[0]
+    assert max(sum(s.values()) for s in steps) == 2048 and len(steps) >= 17
     idle_and_clean(chunked)
-    whole = make_llm(tiny_dir, kv_cache_memory=kv, max_num_batched_tokens=len(ids))
+    whole = make_llm(d, kv_cache_memory=kv, max_num_batched_tokens=len(ids))
     assert whole.generate(ids, params)[0].token_ids == out.token_ids
 
 
@@ -223,4 +233,19 @@ def test_async_stream_and_abort(llm):
         finally:
             engine.shutdown()
     asyncio.run(main())
+    idle_and_clean(llm)
+
+
+@pytest.mark.slow
+def test_128k_context_runs_through_chunked_prefill(make_checkpoint):
+    """The full served window on CPU: 127,990 prompt tokens + 10 generated = 128,000 (slow: not in CI)."""
+    from dataclasses import replace
+
+    from engine.tiny_checkpoint import TINY
+    cfg = replace(TINY, text=replace(TINY.text, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    ids = [1] + [1000 + (i * 7919) % 120000 for i in range(127_989)]
+    llm = make_llm(make_checkpoint(cfg=cfg), kv_cache_memory=(128_000 + 16) * 2 * 16 * 4,
+                   max_num_batched_tokens=8192)
+    out = llm.generate(ids, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.usage.total_tokens == 128_000
     idle_and_clean(llm)

@@ -54,10 +54,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
         # split into query blocks so the score matrix stays [heads, QUERY_BLOCK, sl].
         for lo in range(0, ql, QUERY_BLOCK):
             hi = min(lo + QUERY_BLOCK, ql)
-            qpos = torch.arange(sl - ql + lo, sl - ql + hi, device=q.device)[:, None]
-            mask = torch.arange(sl, device=q.device)[None, :] <= qpos
-            o = F.scaled_dot_product_attention(q[start + lo:start + hi].transpose(0, 1), ki, vi, attn_mask=mask,
-                                               scale=scale, enable_gqa=True)
+            last = sl - ql + hi                     # keys past the block's last query are never visible
+            qpos = torch.arange(last - (hi - lo), last, device=q.device)[:, None]
+            mask = torch.arange(last, device=q.device)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(q[start + lo:start + hi].transpose(0, 1), ki[:, :last],
+                                               vi[:, :last], attn_mask=mask, scale=scale, enable_gqa=True)
             out[start + lo:start + hi] = o.transpose(0, 1)
         start += ql
     return out
