@@ -178,6 +178,7 @@ def hf_load(model_dir, device, dtype, attn):
     import transformers
     from transformers import Mistral3ForConditionalGeneration
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     model = Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
 
@@ -417,7 +418,7 @@ def main(argv=None) -> dict:
     result = {**run_metadata(),
               "params": {**vars(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                          "model_dir": None if tmp else str(model_dir), "label": label, "paths": paths,
-                         "prompt_lengths": [len(p) for p in prompts], "model": model_summary(cfg),
+                         "prompt_lengths": [len(p) for p in prompts], "model_config": model_summary(cfg),
                          **extra_info},
               "figures": {"paths": figs, "ratios": ratios, "ratios_detail": ratio_detail, "agreement": agree},
               "table": table}

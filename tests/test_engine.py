@@ -144,14 +144,20 @@ def test_prefix_cache_never_shares_blocks_between_different_images(llm):
     idle_and_clean(llm)
 
 
-def test_long_prompt_chunked_prefill_equals_unchunked(make_checkpoint):
-    """A 32k-token prompt through 2048-token chunks under a KV pool barely larger than the sequence gives the
-    same tokens as one unchunked prefill. (One layer, two heads: the reference attention is quadratic.)"""
+def long_context_checkpoint(make_checkpoint):
+    """One layer, two heads: the reference attention is quadratic, and long-context tests only need the
+    paging and chunking to be right."""
     from dataclasses import replace
 
     from engine.tiny_checkpoint import TINY
-    cfg = replace(TINY, text=replace(TINY.text, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    d = make_checkpoint(cfg=cfg)
+    return make_checkpoint(cfg=replace(TINY, text=replace(TINY.text, num_hidden_layers=1, num_attention_heads=2,
+                                                          num_key_value_heads=1)))
+
+
+def test_long_prompt_chunked_prefill_equals_unchunked(make_checkpoint):
+    """A 32k-token prompt through 2048-token chunks under a KV pool barely larger than the sequence gives the
+    same tokens as one unchunked prefill."""
+    d = long_context_checkpoint(make_checkpoint)
     ids = [1] + [1000 + (i * 7919) % 120000 for i in range(32_768)]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     per_token = 2 * 1 * 16 * 4                     # K and V, one layer, one KV head of 16 floats
@@ -163,6 +169,18 @@ def test_long_prompt_chunked_prefill_equals_unchunked(make_checkpoint):
     idle_and_clean(chunked)
     whole = make_llm(d, kv_cache_memory=kv, max_num_batched_tokens=len(ids))
     assert whole.generate(ids, params)[0].token_ids == out.token_ids
+
+
+def test_image_split_across_prefill_chunks_is_encoded_once(tiny_dir):
+    chat = image_chat([(300, 200), (90, 60)], "Two pictures.", seed=5)
+    reference = make_llm(tiny_dir).generate(chat, GREEDY)[0].token_ids
+    llm = make_llm(tiny_dir, max_num_batched_tokens=24)       # the 11x8 image's 88 placeholders span 4 chunks
+    calls = []
+    encode = llm.engine.model.encode_images
+    llm.engine.model.encode_images = lambda images: calls.append(len(images)) or encode(images)
+    assert llm.generate(chat, GREEDY)[0].token_ids == reference
+    assert calls == [1, 1]                                    # each image once, however many chunks it spans
+    idle_and_clean(llm)
 
 
 def test_requests_that_can_never_fit_are_refused(llm, tiny_dir):
@@ -239,12 +257,8 @@ def test_async_stream_and_abort(llm):
 @pytest.mark.slow
 def test_128k_context_runs_through_chunked_prefill(make_checkpoint):
     """The full served window on CPU: 127,990 prompt tokens + 10 generated = 128,000 (slow: not in CI)."""
-    from dataclasses import replace
-
-    from engine.tiny_checkpoint import TINY
-    cfg = replace(TINY, text=replace(TINY.text, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     ids = [1] + [1000 + (i * 7919) % 120000 for i in range(127_989)]
-    llm = make_llm(make_checkpoint(cfg=cfg), kv_cache_memory=(128_000 + 16) * 2 * 16 * 4,
+    llm = make_llm(long_context_checkpoint(make_checkpoint), kv_cache_memory=(128_000 + 16) * 2 * 16 * 4,
                    max_num_batched_tokens=8192)
     out = llm.generate(ids, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 10 and out.usage.total_tokens == 128_000
