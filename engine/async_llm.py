@@ -42,32 +42,29 @@ class AsyncLLM:
     def is_dead(self) -> bool:
         return self.error is not None
 
-    async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                     raw: bool = False, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's output after every step that changed it; the last one has `finished` set.
-        Bad requests raise before anything is queued. Closing the iterator early (client gone) aborts the
-        request: its blocks are free within one engine step."""
+    async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     raw: bool = False, tools: list[dict] | None = None) -> RequestStream:
+        """Validate and queue a request; returns its output stream. Bad requests raise here, before anything
+        is queued (PromptError, ImageError, ContextWindowError, ValueError, EngineDeadError)."""
         if self.error is not None:
             raise EngineDeadError(f"the engine loop died: {self.error!r}")
         enc = await asyncio.to_thread(self.engine.encode, prompt, raw, tools)
         req = self.engine.make_request(enc, params, request_id or uuid.uuid4().hex)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._sinks[req.request_id] = (asyncio.get_running_loop(), queue)
+        stream = RequestStream(self, req.request_id, len(req.prompt_token_ids))
+        self._sinks[req.request_id] = (asyncio.get_running_loop(), stream.queue)
         self._command(("add", req))
-        finished = False
+        return stream
+
+    async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     raw: bool = False, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's output after every step that changed it; the last one has `finished` set.
+        Closing the iterator early (client gone) aborts the request: its blocks are free within one step."""
+        rs = await self.submit(prompt, params, request_id, raw, tools)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async for out in rs:
+                yield out
         finally:
-            self._sinks.pop(req.request_id, None)
-            if not finished:
-                self.abort(req.request_id)
+            rs.close()
 
     async def generate(self, prompt, params: SamplingParams | None = None, **kwargs) -> RequestOutput:
         out = None
@@ -77,6 +74,15 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         self._command(("abort", request_id))
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued but not yet running (read from another thread: a snapshot, good for limits)."""
+        return len(self.engine.scheduler.waiting) + sum(1 for c in list(self._commands) if c[0] == "add")
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -121,6 +127,38 @@ class AsyncLLM:
             dead = EngineDeadError(f"the engine loop died: {e!r}")
             for request_id in list(self._sinks):
                 self._deliver(request_id, dead)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; `close()` before the end aborts the request."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, num_prompt_tokens: int):
+        self.llm, self.request_id, self.num_prompt_tokens = llm, request_id, num_prompt_tokens
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self._end()
+            raise item
+        if item.finished:
+            self._end()
+        return item
+
+    def _end(self) -> None:
+        self.finished = True
+        self.llm._sinks.pop(self.request_id, None)
+
+    def close(self) -> None:
+        if not self.finished:
+            self._end()
+            self.llm.abort(self.request_id)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:

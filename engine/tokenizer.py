@@ -154,6 +154,10 @@ class Tokenizer:
             raise PromptError(f"invalid chat request: {_describe(e)}") from e
         return EncodedPrompt(token_ids=list(tokenized.tokens), images=list(tokenized.images))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's bytes (control tokens as their name), e.g. for OpenAI logprobs' `bytes`."""
+        return self.tekken.id_to_byte_piece(int(token_id), SpecialTokenPolicy.KEEP)
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         policy = SpecialTokenPolicy.IGNORE if skip_special else SpecialTokenPolicy.KEEP
         return self.tekken.decode(list(ids), special_token_policy=policy)
