@@ -54,7 +54,10 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
             if not hmac.compare_digest(token.encode(), key.encode()):
                 return render(ApiError(401, AUTH, "Authentication error", openai_code="invalid_api_key"),
                               _is_openai(path))
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as err:    # noqa: BLE001 - answered here: Starlette's ServerErrorMiddleware would
+            return _internal(request, err)  # re-raise it and uvicorn would then drop the keep-alive connection
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -75,12 +78,15 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
     async def validation_error(request: Request, err: RequestValidationError):
         return render(bad_input(str(err)), _is_openai(request.url.path))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception):
+    def _internal(request: Request, err: Exception):
         rid = uuid.uuid4().hex[:12]
-        log.exception("internal error, request id %s", rid)
+        log.error("internal error, request id %s", rid, exc_info=err)
         return render(ApiError(500, INTERNAL, f"Internal server error (request id {rid}); see the server log"),
                       _is_openai(request.url.path))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        return _internal(request, err)
 
     @app.get("/health")
     async def health():

@@ -98,7 +98,8 @@ class RequestTimer:
             if not cancelled and finish_reason:
                 metrics.success.labels(m, finish_reason).inc()
         request_log.info(json.dumps({
-            "request_id": self.request_id, "route": self.route, "prompt_tokens": prompt_tokens,
+            "request_id": self.request_id, "model": metrics.model_name if metrics is not None else None,
+            "route": self.route, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "cached_tokens": cached_tokens,
             "ttft_s": None if ttft is None else round(ttft, 4), "e2e_s": round(end - self.start, 4),
             "tokens_per_s": round(tps, 2), "finish_reason": finish_reason, "cancelled": cancelled}))

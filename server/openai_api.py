@@ -29,7 +29,8 @@ def _num(body: dict, name: str, lo: float, hi: float, integer: bool = False):
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and isinstance(v, float)
+                                                                   and not v.is_integer()):
         raise bad_input(f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", name)
     if not lo <= v <= hi:
         raise bad_input(f"{name} must be between {lo} and {hi}, got {v}", name)

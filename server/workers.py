@@ -50,10 +50,12 @@ def number(body: dict, name: str):
     if v is None:
         return None
     lo, hi, integer = RANGES[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+    # float(v) of a huge JSON integer overflows: only floats need the is_integer check
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and isinstance(v, float)
+                                                                   and not v.is_integer()):
         raise bad_input(f"Type mismatch of '/{name}': expected {'an integer' if integer else 'a number'}, "
                         f"got {json.dumps(v)}", name)
-    if v < lo or (hi is not None and v > hi):
+    if not (v >= lo and (hi is None or v <= hi)):      # written so that NaN (json.loads accepts it) fails
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise bad_input(f"'/{name}' must be {bound}, got {v}", name)
     return int(v) if integer else float(v)
@@ -135,9 +137,8 @@ async def run(account_id: str, model: str, request: Request):
         rs, timer = await admit(state, prompt, params, raw=raw, route="workers",
                                 reject_if_busy=bool(options.get("rejectIfBusy")))
     except ContextWindowError as e:
-        raise ApiError(413, CONTEXT_WINDOW, f"{CONTEXT_WINDOW}: The estimated number of input and maximum output "
-                       f"tokens ({e.prompt_tokens + e.max_tokens}) exceeded this model context window limit "
-                       f"({e.limit}). ({e})") from None
+        # the hosted wording; the engine's message carries the split (or why the KV pool cannot hold it)
+        raise ApiError(413, CONTEXT_WINDOW, f"{CONTEXT_WINDOW}: {e}") from None
     if stream:
         return StreamingResponse(_sse(state, rs, timer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
