@@ -159,6 +159,8 @@ def cmd_chat(args) -> int:
         except ValueError as e:           # bad image, context window, ...: the chat goes on
             print(f"error: {e}")
             continue
+        print(f"[{out.usage.prompt_tokens} prompt + {out.usage.completion_tokens} completion tokens]",
+              file=sys.stderr)
         history += [turn, {"role": "assistant", "content": out.text}]
         images = []
     return 0

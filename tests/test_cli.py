@@ -35,3 +35,16 @@ def test_run_reports_bad_input_without_traceback(tiny_dir, capsys, extra, messag
     assert cli_main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_chat_keeps_history_and_reports_bad_images(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+    script = "Hello\n/image /nonexistent.png\nAnd again\n/reset\nFresh start\n/exit\n"
+    r = subprocess.run([sys.executable, "-m", "server", "chat", "--model", str(tiny_dir), "--max-tokens", "3",
+                        "--temperature", "0", "--kv-cache-gib", "0.01"],
+                       input=script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("assistant> ") == 3 and "error: [Errno 2]" in r.stdout
+    prompts = [int(line.split()[0][1:]) for line in r.stderr.splitlines() if line.endswith("completion tokens]")]
+    assert len(prompts) == 3 and prompts[1] > prompts[0] + 3 and prompts[2] < prompts[1]   # history, then reset
