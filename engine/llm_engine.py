@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 
 from engine.block_manager import BlockManager, cdiv
 from engine.config import EngineConfig
+from engine.guided import TOOL_CALLS_ID, GrammarCompiler
 from engine.image_processor import image_hash
 from engine.model_runner import ModelRunner
 from engine.outputs import OutputProcessor, RequestOutput, TokenLogprob, Usage
@@ -94,6 +96,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                                    self.config.max_model_len), self.block_manager)
         self.requests: dict[str, _Tracked] = {}
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self._ids = itertools.count()
         self.load_seconds = time.perf_counter() - start
 
@@ -152,7 +156,16 @@ class LLMEngine:
                 n, params.max_tokens, self.runner.capacity_tokens)
         return Request(request_id, list(enc.token_ids), params,
                        seed=params.seed if params.seed is not None else secrets.randbits(63),
-                       images=self._image_inputs(enc), max_tokens=params.max_tokens)
+                       images=self._image_inputs(enc), max_tokens=params.max_tokens,
+                       matcher=self.grammars.matcher(params.grammar) if params.grammar else None)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Built on first use (about 2 s for the 131k vocabulary); safe to call from any thread."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer)
+            return self._grammars
 
     def submit(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -232,6 +245,14 @@ class LLMEngine:
             lp = TokenLogprob(token, sampled.logprobs[row], top)
             out.logprobs.append(lp)
             out.delta_logprobs = [lp]
+        grammar_done = False
+        if req.matcher is not None:
+            if not req.matcher.consume_token(token):
+                raise RuntimeError(f"{req.request_id}: sampled token {token} violates the grammar "
+                                   f"({req.matcher.get_error()})")
+            grammar_done = req.matcher.is_stopped()
+        if token == TOOL_CALLS_ID and out.tool_calls_offset is None:
+            out.tool_calls_offset = tracked.processor.text_length
         is_eos = token == self.tokenizer.eos_id and not p.ignore_eos
         text, stopped = ("", False) if is_eos else tracked.processor.push(token)
         out.delta_text = text
@@ -239,7 +260,7 @@ class LLMEngine:
         out.usage = Usage(req.num_prompt_tokens, len(req.output_token_ids), req.num_cached_tokens)
         if stopped:
             self._finish(tracked, "stop", flush=False)     # the text was cut where the stop string begins
-        elif is_eos or token in p.stop_token_ids:
+        elif is_eos or token in p.stop_token_ids or grammar_done:
             self._finish(tracked, "stop")
         elif len(req.output_token_ids) >= req.max_tokens:
             self._finish(tracked, "length")

@@ -8,12 +8,14 @@ on the request until its prefill has passed them (a prompt may be prefilled in s
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import ForwardContext
+from engine.guided import apply_bitmask, fill_bitmask
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -32,6 +34,7 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.sampler = Sampler()
+        self.grammar_seconds, self.grammar_masks = 0.0, 0      # host time spent computing grammar masks
         t = self.cfg.text
         self.block_bytes = 2 * t.num_hidden_layers * config.block_size * t.num_key_value_heads * t.head_dim \
             * self.dtype.itemsize
@@ -119,6 +122,14 @@ class ModelRunner:
         rows = torch.tensor(np.cumsum(qlens)[samplers] - 1, dtype=torch.long).to(dev, non_blocking=True)
         logits = self.model.compute_logits(hidden[rows]).float()
         reqs = [sched.scheduled[k].request for k in samplers]
+        guided = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        if guided:
+            # computed on the host while the device runs the forward pass queued above
+            start = time.perf_counter()
+            mask = fill_bitmask([reqs[i].matcher for i in guided], logits.shape[-1])
+            self.grammar_seconds += time.perf_counter() - start
+            self.grammar_masks += len(guided)
+            apply_bitmask(logits, torch.tensor(guided, device=dev), mask.to(dev, non_blocking=True))
         batch = SamplingBatch.build([r.params for r in reqs], [r.seed for r in reqs],
                                     [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
                                     self.eos_id, logits.shape[-1], dev)

@@ -38,6 +38,7 @@ class RequestOutput:
     finish_reason: str | None = None      # "stop" (EOS, stop string or stop token), "length", "cancelled"
     usage: Usage = field(default_factory=Usage)
     logprobs: list[TokenLogprob] | None = None
+    tool_calls_offset: int | None = None  # where in `text` the [TOOL_CALLS] token came: tool-call JSON follows
     # what this step added (for streaming)
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
@@ -70,6 +71,11 @@ class OutputProcessor:
             self._searched = max(0, len(self._text) - longest + 1)
             return self._release(len(self._text) - self._holdback()), False
         return self._release(len(self._text)), False
+
+    @property
+    def text_length(self) -> int:
+        """Characters detokenized so far, including any still held back."""
+        return len(self._text)
 
     def _holdback(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of some stop string."""

@@ -53,6 +53,7 @@ class Request:
     num_hashed_blocks: int = 0                     # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
     finish_reason: str | None = None
+    matcher: object | None = None                  # llguidance LLMatcher when params.grammar is set
     first_token_time: float | None = None
 
     @property

@@ -33,6 +33,8 @@ class SamplingParams:
     - min_tokens in [0, max_tokens]: EOS and stop_token_ids cannot be sampled before that many tokens
       (as in vLLM, ignore_eos changes only whether EOS stops the request, not this ban).
     - logprobs: None = off; 0 = the chosen token's logprob only; 1..20 = plus that many top alternatives.
+    - grammar: an llguidance grammar (engine.guided.GrammarCompiler builds them from JSON schemas and tool
+      definitions); every sampled token is constrained to it. None = free text.
     """
 
     max_tokens: int = 256            # the hosted model's default
@@ -49,6 +51,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     logprobs: int | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -111,6 +114,8 @@ class SamplingParams:
         set_int("min_tokens", 0, self.max_tokens)
         if self.logprobs is not None:
             set_int("logprobs", 0, MAX_LOGPROBS)
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            bad("grammar", f"must be a compiled grammar string, got {type(self.grammar).__name__}")
 
     @property
     def greedy(self) -> bool:
