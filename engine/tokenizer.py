@@ -146,7 +146,9 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> EncodedPrompt:
         """Encode a Workers AI / OpenAI chat request exactly as mistral-common's v7 template does."""
-        converted, converted_tools = _convert_messages(messages), _convert_tools(tools)
+        from engine.tool_calls import normalize_tool_call_ids
+
+        converted, converted_tools = _convert_messages(normalize_tool_call_ids(messages)), _convert_tools(tools)
         try:
             request = ChatCompletionRequest(messages=converted, tools=converted_tools, model=_MODEL_NAME)
             tokenized = self.mistral.encode_chat_completion(request)

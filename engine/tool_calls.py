@@ -50,12 +50,8 @@ class ToolCallParser:
                 self._sent.append(0)
                 out.append(ToolCallDelta(index, self.ids[index], name))
             if len(args) > self._sent[index]:
-                piece = args[self._sent[index]:]
+                out.append(ToolCallDelta(index, arguments=args[self._sent[index]:]))
                 self._sent[index] = len(args)
-                if out and out[-1].index == index and out[-1].arguments == "":
-                    out[-1].arguments = piece
-                else:
-                    out.append(ToolCallDelta(index, arguments=piece))
         return out
 
     def _scan(self):
@@ -65,10 +61,14 @@ class ToolCallParser:
             name = json.loads(f'"{m.group(1)}"')
             end = _value_end(self.text, m.end())
             if end is None:
-                yield name, self.text[m.end():].rstrip(), False
+                yield name, self.text[m.end():], False
                 return
             yield name, self.text[m.end():end], True
             pos = end
+
+    def argument_texts(self) -> list[str]:
+        """Each call's arguments exactly as generated (what the streamed fragments add up to)."""
+        return [args for _, args, _ in self._scan()]
 
     def calls(self) -> list[dict]:
         """The complete calls [{id, name, arguments: dict}]; raises ValueError if the text is not a valid array

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,13 +17,13 @@ from engine.llm_engine import ContextWindowError
 from engine.sampling_params import SamplingParams
 from server.errors import ApiError, bad_input, openai_body
 from server.generation import ClientGone, admit, collect, finish, follow
+from server.structured import OutputSplitter, compile_grammar, parse_tools, response_schema
 from server.workers import read_json
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
-UNSUPPORTED = {"tools": "tools", "tool_choice": "tool_choice", "response_format": "response_format",
-               "functions": "functions", "function_call": "function_call", "guided_json": "guided_json"}
+UNSUPPORTED = {"functions": "functions (use tools)", "function_call": "function_call (use tool_choice)"}
 
 
 def _num(body: dict, name: str, lo: float, hi: float, integer: bool = False):
@@ -39,8 +40,8 @@ def _num(body: dict, name: str, lo: float, hi: float, integer: bool = False):
 
 def sampling_params(body: dict, chat: bool) -> SamplingParams:
     for key, what in UNSUPPORTED.items():
-        if body.get(key) is not None and not (key == "tool_choice" and body[key] == "none"):
-            raise bad_input(f"{what} is not supported yet by this server", key)
+        if body.get(key) is not None:
+            raise bad_input(f"{what} is not supported by this server", key)
     if body.get("n", 1) != 1:
         raise bad_input("only n=1 is supported", "n")
     if not chat and (body.get("echo") or body.get("suffix") or body.get("best_of", 1) != 1):
@@ -168,6 +169,27 @@ async def models(request: Request):
         for name in s.model_names]}
 
 
+def tool_choice(body: dict, tools: list[dict] | None):
+    """-> "auto" | "none" | "required" | a tool name; None without tools."""
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_input('tool_choice must be "auto", "none", "required" or '
+                            '{"type": "function", "function": {"name": ...}}', "tool_choice")
+        choice = fn["name"]
+    elif choice is not None and choice not in ("auto", "none", "required"):
+        raise bad_input(f"tool_choice {choice!r} is not one of auto, none, required or a named function",
+                        "tool_choice")
+    if tools is None:
+        if choice not in (None, "auto", "none"):
+            raise bad_input(f"tool_choice {choice!r} needs tools", "tool_choice")
+        return None
+    if choice not in (None, "auto", "none", "required") and choice not in [t["name"] for t in tools]:
+        raise bad_input(f"tool_choice names {choice!r}, which is not among the tools", "tool_choice")
+    return choice or "auto"
+
+
 async def _generate(request: Request, chat: bool):
     state = request.app.state.server
     body = await read_json(request)
@@ -178,6 +200,17 @@ async def _generate(request: Request, chat: bool):
         raise bad_input("stream must be a boolean", "stream")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    if not chat and body.get("tools") is not None:
+        raise bad_input("tools need /chat/completions", "tools")
+    tools = parse_tools(body.get("tools"))
+    choice = tool_choice(body, tools)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad_input("parallel_tool_calls must be a boolean", "parallel_tool_calls")
+    schema = response_schema(body.get("response_format"), body.get("guided_json"))
+    grammar = compile_grammar(state.ready_engine().engine, schema, tools, choice, parallel)
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
     if chat:
         prompt, raw, what = body.get("messages"), False, "messages"
         if not isinstance(prompt, list) or not prompt:
@@ -191,32 +224,52 @@ async def _generate(request: Request, chat: bool):
         if not prompt.startswith("<s>"):
             prompt = "<s>" + prompt       # like vLLM's completions: the tokenizer's BOS comes first
     try:
-        rs, timer = await admit(state, prompt, params, raw=raw, route="openai-chat" if chat else "openai-completions")
+        rs, timer = await admit(state, prompt, params, raw=raw, tools=tools,
+                                route="openai-chat" if chat else "openai-completions")
     except ContextWindowError as e:
         raise context_error(e, what) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     tok = state.engine.engine.tokenizer
+    splitter = OutputSplitter(tools is not None and choice != "none")
     if stream:
-        return StreamingResponse(_sse(state, rs, timer, rid, created, model, chat, include_usage, tok),
+        return StreamingResponse(_sse(state, rs, timer, rid, created, model, chat, include_usage, tok, splitter),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         out = await collect(state, rs, timer, request)
     except ClientGone:
         return JSONResponse({}, status_code=499)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text, "tool_calls": None},
-                  "logprobs": chat_logprobs(tok, out.logprobs), "finish_reason": out.finish_reason}
+        content, _ = splitter.update(out)
+        calls = _openai_calls(splitter)
+        message = {"role": "assistant", "content": content if content or not calls else None, "tool_calls": calls}
+        choice_obj = {"index": 0, "message": message, "logprobs": chat_logprobs(tok, out.logprobs),
+                      "finish_reason": _finish_reason(out, calls)}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": out.text, "logprobs": completion_logprobs(tok, out.logprobs, 0),
-                  "finish_reason": out.finish_reason}
+        choice_obj = {"index": 0, "text": out.text, "logprobs": completion_logprobs(tok, out.logprobs, 0),
+                      "finish_reason": out.finish_reason}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice_obj],
             "usage": _usage(out)}
 
 
-async def _sse(state, rs, timer, rid, created, model, chat, include_usage, tok):
+def _openai_calls(splitter) -> list[dict] | None:
+    if not splitter.has_calls:
+        return None
+    try:
+        calls = splitter.calls()
+    except ValueError:          # cut off by max_tokens: finish_reason "length" says so
+        return None
+    return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments_text"]}}
+            for c in calls]
+
+
+def _finish_reason(out, calls) -> str | None:
+    return "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+
+
+async def _sse(state, rs, timer, rid, created, model, chat, include_usage, tok, splitter):
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices, usage=None):
@@ -231,16 +284,22 @@ async def _sse(state, rs, timer, rid, created, model, chat, include_usage, tok):
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         async for out in follow(rs, timer):
-            if out.delta_text or out.finished or out.delta_logprobs:
-                if chat:
-                    delta = {"content": out.delta_text} if out.delta_text else {}
-                    choice = {"index": 0, "delta": delta, "logprobs": chat_logprobs(tok, out.delta_logprobs or None),
-                              "finish_reason": out.finish_reason}
-                else:
-                    choice = {"index": 0, "text": out.delta_text, "finish_reason": out.finish_reason,
-                              "logprobs": completion_logprobs(tok, out.delta_logprobs or None, offset)}
-                    offset += len(out.delta_text)
-                yield chunk([choice])
+            if chat:
+                content, calls = splitter.update(out)
+                delta = {"content": content} if content else {}
+                if calls:
+                    delta["tool_calls"] = [
+                        {"index": d.index, "id": d.id, "type": "function",
+                         "function": {"name": d.name, "arguments": ""}} if d.name is not None else
+                        {"index": d.index, "function": {"arguments": d.arguments}} for d in calls]
+                reason = _finish_reason(out, splitter.has_calls) if out.finished else None
+                if delta or out.finished or out.delta_logprobs:
+                    yield chunk([{"index": 0, "delta": delta, "finish_reason": reason,
+                                  "logprobs": chat_logprobs(tok, out.delta_logprobs or None)}])
+            elif out.delta_text or out.finished or out.delta_logprobs:
+                yield chunk([{"index": 0, "text": out.delta_text, "finish_reason": out.finish_reason,
+                              "logprobs": completion_logprobs(tok, out.delta_logprobs or None, offset)}])
+                offset += len(out.delta_text)
         cancelled = False
         if include_usage:
             yield chunk([], _usage(out))

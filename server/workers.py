@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
@@ -16,8 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.llm_engine import ContextWindowError
 from engine.sampling_params import SamplingParams
-from server.errors import CONTEXT_WINDOW, NO_SUCH_MODEL, ApiError, bad_input, cloudflare_body
+from server.errors import BAD_INPUT, CONTEXT_WINDOW, NO_SUCH_MODEL, ApiError, bad_input, cloudflare_body
 from server.generation import ClientGone, admit, collect, finish, follow, padding
+from server.structured import OutputSplitter, compile_grammar, parse_tools, response_schema
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -28,8 +30,6 @@ RANGES = {
     "seed": (1, 9_999_999_999, True), "repetition_penalty": (0, 2, False), "frequency_penalty": (0, 2, False),
     "presence_penalty": (0, 2, False),
 }
-NOT_YET = {"tools": "tools (function calling)", "guided_json": "guided_json (JSON mode)",
-           "response_format": "response_format (JSON mode)"}
 
 
 async def read_json(request: Request) -> dict:
@@ -103,9 +103,6 @@ def parse(body: dict):
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
     if has_prompt == has_messages:
         raise bad_input("oneOf at '/' not met: send exactly one of 'prompt' or 'messages'")
-    for key, what in NOT_YET.items():
-        if body.get(key) is not None:
-            raise bad_input(f"'/{key}': {what} is not supported yet by this server", key)
     if body.get("functions") is not None:
         raise bad_input("'/functions' (code run by the hosted platform) is not supported: this server never "
                         "executes code; use 'tools'", "functions")
@@ -132,22 +129,54 @@ async def run(account_id: str, model: str, request: Request):
         raise ApiError(400, NO_SUCH_MODEL, f"No such model {model} or task")
     body = await read_json(request)
     prompt, raw, stream, params = parse(body)
+    tools = parse_tools(body.get("tools"))
+    if tools is not None and body.get("prompt") is not None:
+        raise bad_input("'/tools' needs 'messages' (the chat format), not 'prompt'", "tools")
+    schema = response_schema(body.get("response_format"), body.get("guided_json"))
+    engine = state.ready_engine().engine
+    grammar = compile_grammar(engine, schema, tools)
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
     options = body.get("options") if isinstance(body.get("options"), dict) else {}
     try:
-        rs, timer = await admit(state, prompt, params, raw=raw, route="workers",
+        rs, timer = await admit(state, prompt, params, raw=raw, tools=tools, route="workers",
                                 reject_if_busy=bool(options.get("rejectIfBusy")))
     except ContextWindowError as e:
         # the hosted wording; the engine's message carries the split (or why the KV pool cannot hold it)
         raise ApiError(413, CONTEXT_WINDOW, f"{CONTEXT_WINDOW}: {e}") from None
+    splitter = OutputSplitter(tools is not None)
     if stream:
-        return StreamingResponse(_sse(state, rs, timer), media_type="text/event-stream",
+        return StreamingResponse(_sse(state, rs, timer, splitter, schema is not None),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         out = await collect(state, rs, timer, request)
     except ClientGone:
         return JSONResponse({}, status_code=499)
-    return JSONResponse({"result": {"response": out.text, "tool_calls": [], "usage": _usage(out)},
+    content, _ = splitter.update(out)
+    calls = _finished_calls(splitter, out)
+    response = content
+    if schema is not None:
+        _check_json_complete(out)
+        response = json.loads(out.text)        # JSON mode: the object itself, as the hosted JSON mode shows
+    return JSONResponse({"result": {"response": response, "tool_calls": calls, "usage": _usage(out)},
                          "success": True, "errors": [], "messages": []})
+
+
+def _check_json_complete(out) -> None:
+    if out.finish_reason == "length":
+        raise ApiError(400, BAD_INPUT, f"JSON Mode couldn't be met: max_tokens ran out after "
+                       f"{out.usage.completion_tokens} tokens, before the JSON was complete; raise max_tokens")
+
+
+def _finished_calls(splitter: OutputSplitter, out) -> list[dict]:
+    if not splitter.has_calls:
+        return []
+    try:
+        return [{"name": c["name"], "arguments": c["arguments"]} for c in splitter.calls()]
+    except ValueError:
+        raise ApiError(400, BAD_INPUT, f"the tool call was cut off by max_tokens after "
+                       f"{out.usage.completion_tokens} tokens; raise max_tokens") from None
 
 
 def _usage(out) -> dict:
@@ -156,19 +185,30 @@ def _usage(out) -> dict:
             "total_tokens": u.total_tokens}
 
 
-async def _sse(state, rs, timer):
+def _event(payload: dict, pad: bool) -> str:
+    if pad:
+        payload["p"] = padding()
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(state, rs, timer, splitter: OutputSplitter, json_mode: bool):
     pad = state.settings.stream_padding
     out, cancelled = None, True
     try:
         async for out in follow(rs, timer):
-            if out.delta_text:
-                event = {"response": out.delta_text, "tool_calls": []}
-                if pad:
-                    event["p"] = padding()
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            content, _ = splitter.update(out)
+            if content:
+                yield _event({"response": content, "tool_calls": []}, pad)
         cancelled = False
+        if json_mode:
+            _check_json_complete(out)
+        calls = _finished_calls(splitter, out)
+        if calls:         # the hosted shape: complete calls, as in the non-streamed result
+            yield _event({"response": "", "tool_calls": calls}, pad)
         yield f"data: {json.dumps({'response': '', 'usage': _usage(out)})}\n\n"
         yield "data: [DONE]\n\n"
+    except ApiError as err:           # the answer cannot be completed as asked: say so in-band
+        yield f"data: {json.dumps(cloudflare_body(err))}\n\n"
     except Exception as e:      # noqa: BLE001 - the stream has started: say so in-band, never cut silently
         log.exception("stream %s failed", rs.request_id)
         err = ApiError(500, 3040, f"internal error while generating (request id {rs.request_id}): {e}")

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingBatch, apply_penalties, random_uniform, top_k_top_p_mask
+from engine.sampler import (Sampler, SamplingBatch, _random_uniform_tensor, apply_penalties, random_uniform,
+                            top_k_top_p_mask)
 from engine.sampling_params import SamplingParams as SP
 
 EOS = 2
@@ -255,3 +256,10 @@ def test_extreme_logits_and_hot_temperature_stay_finite():
     b.steps = torch.arange(2000)
     tokens = sample(flat, b).token_ids
     assert len(set(tokens.tolist())) > 200
+
+
+def test_cpu_noise_equals_the_device_formula():
+    """The numpy fast path on CPU and the tensor path GPUs run give the very same numbers."""
+    seeds = torch.tensor([0, 1, 2**62 + 5, 12345, 2**63 - 1], dtype=torch.int64)
+    steps = torch.tensor([0, 5, 7, 2**40, 3], dtype=torch.int64)
+    assert torch.equal(random_uniform(seeds, steps, 4099), _random_uniform_tensor(seeds, steps, 4099))

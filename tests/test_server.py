@@ -324,9 +324,13 @@ TOOL = {"type": "function", "function": {"name": "f", "description": "d", "param
         {"id": "abcDEF123", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      "/messages/1/content"),
     ({"messages": IMG_HTTP}, "data URI"),
-    ({"messages": HELLO, "tools": [TOOL]}, "/tools"),
-    ({"messages": HELLO, "guided_json": {"type": "object"}}, "/guided_json"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "/response_format"),
+    ({"messages": HELLO, "tools": {"name": "f"}}, "'tools' must be an array"),
+    ({"prompt": "hi", "tools": [TOOL]}, "'/tools' needs 'messages'"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {"description": "x"}}]}, "/tools/0"),
+    ({"messages": HELLO, "guided_json": [1, 2]}, "/guided_json"),
+    ({"messages": HELLO, "guided_json": {"type": "strin"}}, "invalid JSON schema"),
+    ({"messages": HELLO, "response_format": {"type": "xml"}}, "response_format type 'xml'"),
+    ({"messages": HELLO, "tools": [TOOL], "guided_json": {"type": "object"}}, "cannot be combined"),
     ({"messages": HELLO, "functions": [{"name": "f", "code": "import os; os.system('touch /tmp/pwned')"}]},
      "/functions"),
     ({"prompt": "hi", "lora": "x"}, "/lora"),
@@ -334,8 +338,6 @@ TOOL = {"type": "function", "function": {"name": "f", "description": "d", "param
 def test_workers_bad_input_rows(http, captured, body, needle):
     msg = cf_error(http.post(RUN, json=body), 400, 5006)
     assert msg.startswith("AiError: Bad input: Error: ") and needle in msg, msg
-    if needle in ("/tools", "/guided_json", "/response_format"):
-        assert "not supported yet" in msg
     if needle == "/functions":
         assert "never executes" in msg
     if needle == "oneOf":
@@ -551,8 +553,13 @@ def test_openai_big_integer_is_bad_input(http):
 
 @pytest.mark.parametrize("body,status,param,needle", [
     ({}, 400, "messages", "messages"),
-    ({"messages": HELLO, "tools": [TOOL]}, 400, "tools", "not supported yet"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, 400, "response_format", "not supported yet"),
+    ({"messages": HELLO, "tool_choice": "required"}, 400, "tool_choice", "needs tools"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     400, "tool_choice", "'g', which is not among the tools"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": "sometimes"}, 400, "tool_choice", "sometimes"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+      "schema": {"type": "object", "required": "a"}}}}, 400, "response_format", "invalid JSON schema"),
+    ({"messages": HELLO, "parallel_tool_calls": "yes", "tools": [TOOL]}, 400, "parallel_tool_calls", "boolean"),
     ({"messages": HELLO, "model": "gpt-4o"}, 404, "model", "gpt-4o"),
     ({"messages": [{"role": "user", "content": None}]}, 400, None, "null"),
     ({"messages": IMG_HTTP}, 400, None, ""),

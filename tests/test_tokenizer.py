@@ -79,6 +79,24 @@ def tool_turn(calls, results=("18 C", "14:02")):
             {"role": "tool", "tool_call_id": "abcDEF124", "content": results[1]}]
 
 
+def foreign_ids(turn_ids, result_ids):
+    """tool_turn with other ids on the calls and on the results."""
+    calls = [{**c, "id": i} for c, i in zip(CALLS_OPENAI, turn_ids)] if turn_ids else \
+        [{k: v for k, v in c.items() if k != "id"} for c in CALLS_OPENAI]
+    msgs = tool_turn(calls)
+    for m, rid in zip(msgs[2:], result_ids):
+        if rid is None:
+            m.pop("tool_call_id")
+        else:
+            m["tool_call_id"] = rid
+    return msgs
+
+
+def mapped(cid):
+    from engine.tool_calls import _hash_id
+    return _hash_id(cid)
+
+
 # (id, our messages, our tools, reference messages or None = same, reference tools or None = same)
 TEXT_CASES = [
     ("system+user", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}], None),
@@ -94,6 +112,13 @@ TEXT_CASES = [
     ("parallel-calls-workers", tool_turn(CALLS_WORKERS) + [{"role": "user", "content": "thanks"}],
      [WEATHER, TIME_NATIVE], tool_turn(CALLS_OPENAI) + [{"role": "user", "content": "thanks"}],
      [WEATHER, TIME_OPENAI]),
+    ("foreign-ids-remapped", foreign_ids(["call_abc123xyz", "call_Def"], ["call_abc123xyz", "call_Def"]),
+     [WEATHER, TIME_OPENAI], foreign_ids([mapped("call_abc123xyz"), mapped("call_Def")],
+                                         [mapped("call_abc123xyz"), mapped("call_Def")])),
+    ("hosted-fallback-id", foreign_ids(["000000001", "000000002"], ["000000001", "000000002"]),
+     [WEATHER, TIME_OPENAI]),
+    ("calls-without-ids", foreign_ids(None, [None, None]), [WEATHER, TIME_OPENAI],
+     foreign_ids([mapped("auto-1-0"), mapped("auto-1-1")], [mapped("auto-1-0"), mapped("auto-1-1")])),
     ("ends-with-tool", tool_turn(CALLS_OPENAI, results=([text('{"t": 18}')], "14:02")),
      [WEATHER, TIME_OPENAI]),
     ("text-parts-only", [{"role": "system", "content": [text("one"), text("two")]},
@@ -211,7 +236,6 @@ BAD_CASES = [
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
       {"role": "system", "content": "c"}, {"role": "user", "content": "d"}],
      "Unexpected role 'system' after role 'assistant'"),
-    (tool_turn([{**CALLS_OPENAI[0], "id": "call_abc"}])[:3], "Tool call id was call_abc but must be"),
     (tool_turn(CALLS_OPENAI)[:3], "Not the same number of function calls and responses"),
     ([{"role": "tool", "content": "x", "tool_call_id": 5}], r"messages\[0\]: tool_call_id"),
 ]
