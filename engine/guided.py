@@ -20,6 +20,28 @@ TOOL_CALLS_ID = 9
 # compact JSON unless a schema's own "x-guidance" asks otherwise
 JSON_OPTIONS = {"whitespace_flexible": False}
 
+# RFC 3339 dates and times as JSON Schema validators check them. llguidance's own `date`, `time` and
+# `date-time` formats also accept Feb 29 of any year, year 0000 and second 60, which validators reject.
+_YEAR = "(?:000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"
+_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{1,9})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_FORMATS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
+_DATA_KEYS = {"const", "enum", "default", "examples"}       # values, not schemas: never rewritten
+
+
+def _strict_formats(node):
+    """A copy of a schema with date/time formats replaced by exact patterns (where no pattern is set)."""
+    if isinstance(node, list):
+        return [_strict_formats(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: v if k in _DATA_KEYS else _strict_formats(v) for k, v in node.items()}
+    if isinstance(out.get("format"), str) and out["format"] in _FORMATS and "pattern" not in out:
+        out["pattern"] = _FORMATS[out.pop("format")]
+    return out
+
 
 class GrammarError(ValueError):
     """The schema or tool definitions cannot be compiled into a grammar."""
@@ -52,7 +74,8 @@ class GrammarCompiler:
         except Exception as e:       # jsonschema.SchemaError
             raise GrammarError(f"invalid JSON schema: {getattr(e, 'message', e)}") from None
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(_strict_formats(schema)),
+                                                             defaults=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(f"invalid JSON schema: {e}") from None
         return self._cache(grammar)
@@ -71,7 +94,7 @@ class GrammarCompiler:
                 raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
         calls = []
         for t in tools:
-            params = dict(t.get("parameters") or {"type": "object", "properties": {}})
+            params = _strict_formats(dict(t.get("parameters") or {"type": "object", "properties": {}}))
             # arguments the tool did not declare are never useful: close the object unless the schema opens it
             if params.get("type") == "object" and "additionalProperties" not in params:
                 params["additionalProperties"] = False

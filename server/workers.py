@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import replace
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.llm_engine import ContextWindowError
 from engine.sampling_params import SamplingParams
@@ -158,9 +159,34 @@ async def run(account_id: str, model: str, request: Request):
     response = content
     if schema is not None:
         _check_json_complete(out)
-        response = json.loads(out.text)        # JSON mode: the object itself, as the hosted JSON mode shows
-    return JSONResponse({"result": {"response": response, "tool_calls": calls, "usage": _usage(out)},
-                         "success": True, "errors": [], "messages": []})
+        json.loads(out.text)                # complete (the grammar's guarantee): never send broken JSON
+        response = RawJSON(out.text)        # JSON mode: the object itself, as the hosted JSON mode shows
+    return Response(dumps({"result": {"response": response, "tool_calls": calls, "usage": _usage(out)},
+                           "success": True, "errors": [], "messages": []}, separators=(",", ":")),
+                    media_type="application/json")
+
+
+class RawJSON:
+    """Generated JSON put into a response as written: a valid number such as 1e999 has no float to go through."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def dumps(payload, **kwargs) -> str:
+    """json.dumps with RawJSON values spliced in verbatim."""
+    nonce, raws = secrets.token_hex(8), []
+
+    def default(o):
+        if not isinstance(o, RawJSON):
+            raise TypeError(f"{type(o).__name__} is not JSON serializable")
+        raws.append(o.text)
+        return f"{nonce}:{len(raws) - 1}"
+
+    text = json.dumps(payload, ensure_ascii=False, allow_nan=False, default=default, **kwargs)
+    for i, raw in enumerate(raws):
+        text = text.replace(f'"{nonce}:{i}"', raw, 1)
+    return text
 
 
 def _check_json_complete(out) -> None:
@@ -170,10 +196,10 @@ def _check_json_complete(out) -> None:
 
 
 def _finished_calls(splitter: OutputSplitter, out) -> list[dict]:
-    if not splitter.has_calls:
-        return []
+    if not splitter.has_calls and not (splitter.tools and out.tool_calls_offset is not None):
+        return []         # no call; one begun but cut before its name is complete still fails below
     try:
-        return [{"name": c["name"], "arguments": c["arguments"]} for c in splitter.calls()]
+        return [{"name": c["name"], "arguments": RawJSON(c["arguments_text"])} for c in splitter.calls()]
     except ValueError:
         raise ApiError(400, BAD_INPUT, f"the tool call was cut off by max_tokens after "
                        f"{out.usage.completion_tokens} tokens; raise max_tokens") from None
@@ -188,7 +214,7 @@ def _usage(out) -> dict:
 def _event(payload: dict, pad: bool) -> str:
     if pad:
         payload["p"] = padding()
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {dumps(payload)}\n\n"
 
 
 async def _sse(state, rs, timer, splitter: OutputSplitter, json_mode: bool):
