@@ -23,6 +23,8 @@ import argparse
 import cProfile
 import gc
 import io
+import itertools
+import math
 import os
 import pstats
 import sys
@@ -34,8 +36,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO_ROOT, RESULTS_DIR, format_table, have_matplotlib, model_presets, model_summary,  # noqa: E402
-                    random_prompts, result_path, run_metadata, stats, write_json)
+from common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    format_table,
+    have_matplotlib,
+    model_presets,
+    model_summary,
+    random_prompts,
+    result_path,
+    run_metadata,
+    stats,
+    write_json,
+)
 
 PATHS = ("ours-batched", "ours-single", "hf-single", "hf-batched")
 PAD_ID = 11          # tekken <pad>
@@ -56,6 +69,9 @@ def parse_args(argv=None):
     ap.add_argument("--input-len-range", type=int, nargs=2, default=[64, 512], metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--interleave", action="store_true",
+                    help="load both models at once and time the paths round-robin (repeat 1 of every path, then "
+                         "repeat 2, ...): fairer on a shared CPU; on a GPU our KV pool would leave HF no room")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed runs per path after the warm-up; the fastest is reported, all are recorded")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON/PNG results")
@@ -103,7 +119,7 @@ def summarize(name: str, wall: float, prompts: list[list[int]], outputs: list[li
     fig = {"wall_s": wall, "num_requests": len(prompts), "input_tokens": n_in, "output_tokens": n_out,
            "output_tok_s": n_out / wall, "total_tok_s": (n_in + n_out) / wall, "req_s": len(prompts) / wall,
            "ttft_ms": stats(ttft, 1000), "tpot_ms": stats(tpot, 1000),
-           "decode_tok_s_per_request": stats([1 / t for t in tpot if t and t == t])}
+           "decode_tok_s_per_request": stats([1 / t for t in tpot if t and not math.isnan(t)])}
     fig.update(extra or {})
     return fig
 
@@ -121,7 +137,7 @@ def run_ours(engine, prompts, params, batched: bool, device) -> tuple[float, dic
     """Drive LLMEngine.step() directly (what LLM.generate does) to time each request's first and last token."""
     n = len(prompts)
     outputs, first, end, start = [None] * n, [None] * n, [None] * n, [None] * n
-    steps, step_tokens = 0, []
+    steps, decode_steps = 0, []
     sync(device)
     t_begin = now()
     groups = [list(range(n))] if batched else [[i] for i in range(n)]
@@ -132,10 +148,15 @@ def run_ours(engine, prompts, params, batched: bool, device) -> tuple[float, dic
             index[engine.add_request(prompts[i], params)] = i
             start[i] = t0
         while engine.has_unfinished():
+            sched = engine.scheduler            # decode-only step: nobody waits, every runner needs 1 token
+            decode_only = not sched.waiting and all(r.num_tokens - r.num_computed_tokens == 1
+                                                    for r in sched.running)
+            t_step = now()
             outs = engine.step()
             t = now()
             steps += 1
-            step_tokens.append(len(outs))
+            if decode_only:
+                decode_steps.append(t - t_step)
             for o in outs:
                 i = index[o.request_id]
                 if first[i] is None:
@@ -148,7 +169,9 @@ def run_ours(engine, prompts, params, batched: bool, device) -> tuple[float, dic
         assert o.finish_reason == "length", f"request finished with {o.finish_reason!r}"
     cached = sum(o.usage.cached_tokens for o in outputs)
     return wall, {"outputs": [list(o.token_ids) for o in outputs], "first": first, "end": end, "start": start,
-                  "extra": {"engine_steps": steps, "cached_prompt_tokens": cached}}
+                  "decode_steps": decode_steps,
+                  "extra": {"engine_steps": steps, "decode_only_steps": len(decode_steps),
+                            "cached_prompt_tokens": cached}}
 
 
 def profile_ours(engine, prompts, params, device, base: Path) -> dict:
@@ -229,12 +252,14 @@ def hf_generate(model, batch: list[list[int]], output_len: int, eos_id: int, dev
 def run_hf(model, prompts, output_len, eos_id, batched: bool, device) -> tuple[float, dict]:
     n = len(prompts)
     outputs, first, end, start = [None] * n, [None] * n, [None] * n, [None] * n
+    decode_steps = []
     sync(device)
     t_begin = now()
     groups = [list(range(n))] if batched else [[i] for i in range(n)]
     for group in groups:
         t0 = now()
         toks, times = hf_generate(model, [prompts[i] for i in group], output_len, eos_id, device)
+        decode_steps += [b - a for a, b in itertools.pairwise(times)]
         for row, i in enumerate(group):
             outputs[i], start[i], first[i], end[i] = toks[row], t0, times[0], times[-1]
     sync(device)
@@ -244,7 +269,8 @@ def run_hf(model, prompts, output_len, eos_id, batched: bool, device) -> tuple[f
         width = max(len(p) for p in prompts)
         extra = {"padded_input_tokens": width * n,
                  "padding_fraction": 1 - sum(len(p) for p in prompts) / (width * n)}
-    return wall, {"outputs": outputs, "first": first, "end": end, "start": start, "extra": extra}
+    return wall, {"outputs": outputs, "first": first, "end": end, "start": start, "decode_steps": decode_steps,
+                  "extra": extra}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -266,13 +292,14 @@ def print_table(figs: dict, ratios: dict) -> str:
         f = figs.get(name)
         if f is None:
             continue
-        g = lambda k, s="mean": (f[k] or {}).get(s) if f.get(k) else None
+        def g(k, s="mean", f=f):
+            return (f.get(k) or {}).get(s)
         r = vs.get(name)
         rows.append([name, f["wall_s"], f["output_tok_s"], f["total_tok_s"],
                      f"{r:.2f}x" if r is not None else None, g("ttft_ms"), g("ttft_ms", "median"),
-                     g("tpot_ms"), g("decode_tok_s_per_request")])
+                     g("tpot_ms"), g("decode_step_ms", "median"), g("decode_tok_s_per_request")])
     headers = ["path", "wall s", "out tok/s", "total tok/s", "vs HF", "TTFT mean ms", "TTFT p50 ms",
-               "TPOT mean ms", "decode tok/s/req"]
+               "TPOT mean ms", "decode step p50 ms", "decode tok/s/req"]
     return format_table(headers, rows, "{:.2f}")
 
 
@@ -342,29 +369,35 @@ def main(argv=None) -> dict:
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs before starting: "
               "other processes compete for the cores and the numbers will be noisy", flush=True)
 
-    def measure(name, run):
-        """Run a path --repeats times; keep the fastest repeat (best-of-N, as timeit), record all walls."""
-        walls, load, best = [], [], None
-        for k in range(args.repeats):
-            print(f"running {name}" + (f" ({k + 1}/{args.repeats})" if args.repeats > 1 else "") + " ...",
-                  flush=True)
-            load.append(os.getloadavg()[0])
-            wall, r = run()
-            walls.append(wall)
-            if best is None or wall < best[0]:
-                best = (wall, r)
-            if runs.get(name) is None:
-                runs[name] = r                      # tokens: greedy, so every repeat must give the same
-            elif r["outputs"] != runs[name]["outputs"]:
-                print(f"  warning: {name} repeat {k + 1} produced different tokens than repeat 1")
-        wall, r = best
-        figs[name] = summarize(name, wall, prompts, r["outputs"], r["first"], r["end"], r["start"],
-                               args.output_len, {**r["extra"], "wall_s_repeats": walls, "loadavg_1m_at_start": load})
-        print(f"  {name}: best {wall:.2f} s of {len(walls)}, {figs[name]['output_tok_s']:.1f} output tok/s",
-              flush=True)
+    attempts: dict[str, list] = {name: [] for name in paths}
 
-    # ---- our engine ----
-    if any(p.startswith("ours") for p in paths) or args.profile:
+    def measure(name, run, k):
+        """One timed repeat of a path; greedy, so every repeat must give the same tokens."""
+        print(f"running {name}" + (f" ({k + 1}/{args.repeats})" if args.repeats > 1 else "") + " ...", flush=True)
+        load = os.getloadavg()[0]
+        wall, r = run()
+        attempts[name].append((wall, r, load))
+        if runs.get(name) is None:
+            runs[name] = r
+        elif r["outputs"] != runs[name]["outputs"]:
+            print(f"  warning: {name} repeat {k + 1} produced different tokens than repeat 1")
+        print(f"  {name}: {wall:.2f} s", flush=True)
+
+    def run_all(runners: dict) -> None:
+        """runners: name -> (warm-up, timed run). Each path is warmed up once, then timed --repeats times:
+        path after path, or round-robin over the paths with --interleave (fairer on a shared machine)."""
+        for warmup, _ in runners.values():
+            warmup()
+        if args.interleave:
+            for k in range(args.repeats):
+                for name, (_, run) in runners.items():
+                    measure(name, run, k)
+        else:
+            for name, (_, run) in runners.items():
+                for k in range(args.repeats):
+                    measure(name, run, k)
+
+    def load_ours():
         kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                 ("max_num_batched_tokens", args.max_num_batched_tokens),
                                 ("kv_cache_memory", args.kv_cache_memory)) if v is not None}
@@ -375,35 +408,63 @@ def main(argv=None) -> dict:
         eng = llm.engine
         extra_info["engine_config"] = {**vars(eng.config), "kv_blocks": eng.runner.num_blocks,
                                        "kv_capacity_tokens": eng.runner.capacity_tokens}
-        eos_id = eng.tokenizer.eos_id
+        runners = {}
         for name, batched in (("ours-batched", True), ("ours-single", False)):
-            if name not in paths:
-                continue
-            run_ours(eng, warm, ours_params(warm_len, args.seed), batched, device)     # warm-up
-            measure(name, lambda: run_ours(eng, prompts, ours_params(args.output_len, args.seed), batched,
-                                           device))
-        if args.profile:
-            print("profiling ours-batched ...", flush=True)
-            extra_info["profiles"] = profile_ours(eng, prompts, ours_params(args.output_len, args.seed), device,
-                                                  out_json)
-        del llm, eng
-        free_memory(device)
-    else:
-        from engine.tokenizer import Tokenizer
-        eos_id = Tokenizer.from_model_dir(model_dir).eos_id
+            if name in paths:
+                runners[name] = (
+                    lambda b=batched: run_ours(eng, warm, ours_params(warm_len, args.seed), b, device),
+                    lambda b=batched: run_ours(eng, prompts, ours_params(args.output_len, args.seed), b, device))
+        return llm, runners
 
-    # ---- transformers ----
-    if any(p.startswith("hf") for p in paths):
+    def load_hf():
         t = now()
         hf = hf_load(model_dir, device, dtype, args.hf_attn)
         extra_info["hf_load_s"] = now() - t
+        runners = {}
         for name, batched in (("hf-single", False), ("hf-batched", True)):
-            if name not in paths:
-                continue
-            run_hf(hf, warm, warm_len, eos_id, batched, device)                        # warm-up
-            measure(name, lambda: run_hf(hf, prompts, args.output_len, eos_id, batched, device))
-        del hf
+            if name in paths:
+                runners[name] = (lambda b=batched: run_hf(hf, warm, warm_len, eos_id, b, device),
+                                 lambda b=batched: run_hf(hf, prompts, args.output_len, eos_id, b, device))
+        return hf, runners
+
+    def profile(llm):
+        print("profiling ours-batched ...", flush=True)
+        extra_info["profiles"] = profile_ours(llm.engine, prompts, ours_params(args.output_len, args.seed), device,
+                                              out_json)
+
+    from engine.tokenizer import Tokenizer
+    eos_id = Tokenizer.from_model_dir(model_dir).eos_id
+    want_ours = any(p.startswith("ours") for p in paths) or args.profile
+    want_hf = any(p.startswith("hf") for p in paths)
+    if args.interleave:         # both models resident at once (fine on CPU; on a GPU our KV pool takes the rest)
+        llm, ours_runners = load_ours() if want_ours else (None, {})
+        hf, hf_runners = load_hf() if want_hf else (None, {})
+        run_all({**ours_runners, **hf_runners})
+        if args.profile:
+            profile(llm)
+        del llm, hf
         free_memory(device)
+    else:                       # one model at a time: on a GPU each side gets the whole device
+        if want_ours:
+            llm, runners = load_ours()
+            run_all(runners)
+            if args.profile:
+                profile(llm)
+            del llm
+            free_memory(device)
+        if want_hf:
+            hf, runners = load_hf()
+            run_all(runners)
+            del hf
+            free_memory(device)
+    for name, tries in attempts.items():
+        if not tries:
+            continue
+        wall, r, _ = min(tries, key=lambda x: x[0])          # best of N, as timeit
+        figs[name] = summarize(name, wall, prompts, r["outputs"], r["first"], r["end"], r["start"],
+                               args.output_len, {**r["extra"], "decode_step_ms": stats(r["decode_steps"], 1000),
+                                                 "wall_s_repeats": [x[0] for x in tries],
+                                                 "loadavg_1m_at_start": [x[2] for x in tries]})
 
     # ---- ratios, agreement ----
     def ratio(a, b, key="output_tok_s"):

@@ -65,14 +65,14 @@ def versions() -> dict:
     for mod in ("torch", "transformers", "mistral_common", "numpy"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception:                   # not installed, or broken: record that, do not fail the run
+        except (ImportError, AttributeError):   # not installed, or no __version__: record that
             out[mod] = None
     return out
 
 
 def run_metadata() -> dict:
     """The common header of every result file (params and figures are added by the benchmark)."""
-    return {"commit": git_info(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"commit": git_info(), "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "machine": machine_info(), "gpu": gpu_info(), "versions": versions()}
 
 

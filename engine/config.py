@@ -267,6 +267,10 @@ class EngineConfig:
     kv_cache_memory: int | None = None     # bytes for the KV pool; default: measured (GPU) or 2 GiB (CPU)
     gpu_memory_utilization: float = 0.90   # fraction of the GPU the engine may fill, KV pool included
     enable_prefix_caching: bool = True
+    # "nf4" | "int8" (bitsandbytes, the `quant` extra) | "fp8": the decoder linears only (engine/quant.py)
+    quantization: str | None = None
+    # "auto": the model dtype; "fp8": float8_e4m3fn with one scale per (block, KV head), twice the tokens
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -276,3 +280,7 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be a positive number of bytes")
+        if self.quantization not in (None, "nf4", "int8", "fp8"):
+            raise ValueError(f"quantization must be nf4, int8, fp8 or None, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")

@@ -12,7 +12,9 @@ from engine.weights import DEFAULT_MODEL
 class LLM:
     """`LLM("dir-or-hub-id", device="cpu", dtype="float32")`. The model directory (or hub snapshot) must hold
     one checkpoint format and tekken.json (weights.md). Engine limits (max_model_len, max_num_seqs,
-    max_num_batched_tokens, kv_cache_memory, ...) are EngineConfig fields passed as keywords."""
+    max_num_batched_tokens, kv_cache_memory, ...) are EngineConfig fields passed as keywords, among them
+    `quantization="nf4"|"int8"|"fp8"` (decoder linears; nf4/int8 need the `quant` extra) and
+    `kv_cache_dtype="fp8"` (weights.md, "Quantization")."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None,
                  load_format: str = "auto", progress: bool = True, **engine_kwargs):

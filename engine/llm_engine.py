@@ -89,7 +89,8 @@ class LLMEngine:
         self.config = EngineConfig(**engine_kwargs)
         if self.config.max_model_len > limit:
             raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's {limit} positions")
-        model = load_model(self.checkpoint, self.device, self.dtype, progress=progress)
+        model = load_model(self.checkpoint, self.device, self.dtype, progress=progress,
+                           quantization=self.config.quantization)
         self.runner = ModelRunner(model, self.config, self.tokenizer.eos_id)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)

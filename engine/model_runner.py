@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask, fill_bitmask
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
+from engine.quant import FP8
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine.scheduler import SchedulerOutput
@@ -31,21 +32,33 @@ class ModelRunner:
         self.cfg: ModelConfig = model.cfg
         self.config = config
         self.eos_id = eos_id
-        p = next(model.parameters())
+        # the model dtype: decoder linears may be quantized, the embedding never is
+        p = model.language_model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self.sampler = Sampler()
         self.grammar_seconds, self.grammar_masks = 0.0, 0      # host time spent computing grammar masks
         t = self.cfg.text
+        self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
         self.block_bytes = 2 * t.num_hidden_layers * config.block_size * t.num_key_value_heads * t.head_dim \
-            * self.dtype.itemsize
+            * self.kv_dtype.itemsize
+        if config.kv_cache_dtype == "fp8":     # + one float32 scale per (layer, K/V, block, KV head)
+            self.block_bytes += 2 * t.num_hidden_layers * t.num_key_value_heads * 4
         self.num_blocks = self._kv_budget() // self.block_bytes
         if self.num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (one block needs {self.block_bytes} bytes); "
                                "lower max_num_batched_tokens or raise gpu_memory_utilization / kv_cache_memory")
         # [layers, 2, blocks, block_size, kv_heads, head_dim]; each layer gets (k, v) views of it
         self.kv_cache = torch.empty((t.num_hidden_layers, 2, self.num_blocks, config.block_size,
-                                     t.num_key_value_heads, t.head_dim), dtype=self.dtype, device=self.device)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+                                     t.num_key_value_heads, t.head_dim), dtype=self.kv_dtype,
+                                    device=self.device)
+        if config.kv_cache_dtype == "fp8":
+            # [layers, 2, blocks, kv_heads]: each layer gets (k, v, k_scale, v_scale); see store_kv
+            self.kv_scales = torch.zeros((t.num_hidden_layers, 2, self.num_blocks, t.num_key_value_heads),
+                                         dtype=torch.float32, device=self.device)
+            self.kv_caches = [(kv[0], kv[1], sc[0], sc[1]) for kv, sc in zip(self.kv_cache, self.kv_scales)]
+        else:
+            self.kv_scales = None
+            self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
 
     @property
     def capacity_tokens(self) -> int:

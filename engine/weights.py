@@ -10,6 +10,10 @@ Loading is strict and happens in two phases: first every file's header is read a
 model (missing, unexpected, misshapen tensors and unreadable files are all reported in one error), then
 tensors stream one at a time into parameters preallocated on the target device. Nothing is returned unless
 every parameter was written.
+
+With `quantization` ("nf4", "int8", "fp8"; engine/quant.py) the decoder linears get only quantized storage,
+and each of their tensors is quantized as it arrives instead of being copied: no full-precision copy of the
+model ever exists on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from engine import quant
 from engine.config import ModelConfig, load_config
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 
@@ -260,13 +265,18 @@ def _itemsize(dtype: str) -> int:
     return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[dtype]
 
 
-def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
-                ) -> Mistral3ForConditionalGeneration:
+def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+                quantization: str | None = None) -> Mistral3ForConditionalGeneration:
     """The module tree built on the meta device, then given empty storage directly on the target
-    device and dtype: no throwaway initialization, no second copy."""
+    device and dtype: no throwaway initialization, no second copy. With `quantization`, the decoder
+    linears are replaced first, so that only their quantized storage is ever allocated."""
     with torch.device("meta"):
         model = Mistral3ForConditionalGeneration(cfg)
+    if quantization is not None:
+        quant.quantize_model_(model, quantization, device, dtype)
     for module in model.modules():
+        if isinstance(module, quant.QuantLinear):     # allocated its quantized storage itself
+            continue
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
                                                      requires_grad=False))
@@ -274,16 +284,20 @@ def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> Mistral3ForConditionalGeneration:
+               progress: bool = True, quantization: str | None = None) -> Mistral3ForConditionalGeneration:
+    quant.check_quantization(quantization)               # an unknown method or a missing library: fail now
     cfg = ckpt.config()
     with torch.device("meta"):
         skeleton = Mistral3ForConditionalGeneration(cfg)
     entries = plan(ckpt, skeleton)                       # fails before any weight data is read
-    model = materialize(cfg, device, dtype)
+    expected = {n for n, _ in skeleton.named_parameters()}
+    model = materialize(cfg, device, dtype, quantization)
     params = dict(model.named_parameters())
+    # checkpoint name -> the quantized module that takes it (module name + ".weight")
+    quantized = {n + ".weight": m for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)}
     written = set()
     bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress,
-               desc=f"loading {ckpt.format} weights")
+               desc=f"loading {ckpt.format} weights" + (f" as {quantization}" if quantization else ""))
     by_file: dict[Path, list[_Entry]] = {}
     for e in entries:
         by_file.setdefault(e.file, []).append(e)
@@ -294,7 +308,10 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
                     t = st.get_tensor(e.key)
                     if e.transform is not None:
                         t = e.transform(t)
-                    params[e.param].copy_(t)          # dtype conversion and host->device copy in one step
+                    if e.param in quantized:
+                        quantized[e.param].load_(t)   # quantized chunk by chunk on the device
+                    else:
+                        params[e.param].copy_(t)      # dtype conversion and host->device copy in one step
                     del t
                     written.add(e.param)
                     bar.update(e.nbytes)
@@ -302,6 +319,9 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
             raise CheckpointError(f"{f}: failed while reading tensor data ({err}); the file is corrupt or "
                                   "truncated") from None
     bar.close()
-    if len(written) != len(params):   # cannot happen after plan(); never hand out a half-loaded model
-        raise CheckpointError(f"internal: {len(params) - len(written)} parameters were not loaded")
+    if written != expected:   # cannot happen after plan(); never hand out a half-loaded model
+        raise CheckpointError(f"internal: {len(expected - written)} parameters were not loaded")
+    if quantization:
+        log.info("%d decoder linears quantized to %s; weights now take %.2f GiB", len(quantized),
+                 quantization, sum(p.nbytes for p in model.parameters()) / 2**30)
     return model

@@ -47,6 +47,10 @@ def _engine_kwargs(args) -> dict:
           "gpu_memory_utilization": args.kv_memory_fraction}
     if args.kv_cache_gib is not None:
         kw["kv_cache_memory"] = int(args.kv_cache_gib * 2**30)
+    if args.quantization is not None:
+        kw["quantization"] = args.quantization
+    if args.kv_cache_dtype != "auto":
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
     return kw
 
 
@@ -176,6 +180,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory-fraction", type=float, default=0.90,
                    help="fraction of GPU memory the engine may fill, KV pool included")
     p.add_argument("--kv-cache-gib", type=float, help="KV pool size in GiB (default: measured; 2 on CPU)")
+    p.add_argument("--quantization", choices=["nf4", "int8", "fp8"],
+                   help="quantize the decoder linears while loading (nf4/int8 need bitsandbytes: the quant "
+                        "extra); see weights.md")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: a float8_e4m3fn KV cache with per-block scales, twice the tokens (default: the "
+                        "model dtype)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -221,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.weights import CheckpointError
     try:
         return args.func(args)
-    except (ValueError, CheckpointError, OSError) as e:    # bad input or checkpoint: a message, not a traceback
+    # bad input or checkpoint, or a missing optional library (--quantization nf4 without bitsandbytes): a
+    # message, not a traceback
+    except (ValueError, CheckpointError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -3,31 +3,69 @@
 This file is the pure-PyTorch reference path: it runs on CPU and defines what a fused GPU kernel must
 reproduce. The model hands over q/k/v for the step's tokens; where they are cached and which earlier tokens
 they see comes only from the ForwardContext.
+
+KV cache in fp8 (`kv_cache_dtype="fp8"`): a layer's cache entry is (k, v, k_scale, v_scale), the pools in
+float8_e4m3fn and one float32 scale per (block, KV head) beside them: [blocks, kv_heads]. A scale is the
+largest |value| stored in that block and head / 448, so every row uses fp8's full range; a per-tensor
+static scale would not survive outlier heads or tokens. Blocks fill one step at a time, so when a step
+brings a larger value the block's earlier rows are re-quantized to the grown scale (a block that holds 16
+tokens is rescaled at most a few times; an unchanged scale re-quantizes exactly). A step that writes a
+block's first slot starts it afresh: whatever the block held before belonged to a freed request.
 """
 
 import torch
 import torch.nn.functional as F
 
 from engine.forward_context import ForwardContext
+from engine.quant import FP8, FP8_MAX
 
 QUERY_BLOCK = 1024
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """Scatter the step's K/V rows ([tokens, kv_heads, head_dim]) into their cache slots.
     Slots < 0 mark padding rows (e.g. CUDA-graph padding) and are not written."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    if k_scale is not None:
+        _store_fp8(k, k_cache, k_scale, slot_mapping)
+        _store_fp8(v, v_cache, v_scale, slot_mapping)
+        return
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def _store_fp8(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor) -> None:
+    """x [tokens, kv_heads, d] into cache [blocks, block_size, kv_heads, d] (fp8); scale [blocks, kv_heads]"""
+    block_size, heads = cache.shape[1], cache.shape[2]
+    raw = cache.view(torch.uint8)       # gathers and scatters on the bytes: not every device indexes fp8
+    touched, inv = torch.unique(slots // block_size, return_inverse=True)
+    amax = torch.zeros(len(touched), heads, dtype=torch.float32, device=x.device)
+    amax.scatter_reduce_(0, inv[:, None].expand(-1, heads), x.abs().amax(-1).float(), "amax")
+    fresh = torch.zeros(len(touched), dtype=torch.bool, device=x.device)
+    fresh[inv[slots % block_size == 0]] = True
+    old = scale[touched].masked_fill(fresh[:, None], 0.0)
+    new = torch.maximum(old, amax / FP8_MAX).clamp_min(1e-12)
+    rows = raw[touched].view(FP8).float() * (old / new)[:, None, :, None]     # the touched blocks, re-quantized
+    raw[touched] = rows.masked_fill(fresh[:, None, None, None], 0.0).to(FP8).view(torch.uint8)
+    scale[touched] = new
+    q = (x.float() / new[inv][:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    raw.view(-1, *raw.shape[2:])[slots] = q.view(torch.uint8)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: torch.Tensor | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
     block_size = cache.shape[1]
     n_blocks = -(-length // block_size)
-    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
+    ids = block_table[:n_blocks].long()
+    if scale is None:
+        return cache[ids].flatten(0, 1)[:length]
+    # fp8 -> model dtype is exact; then one multiply by the block's per-head scale
+    blocks = cache.view(torch.uint8)[ids].view(FP8).to(dtype) * scale[ids].to(dtype)[:, None, :, None]
+    return blocks.flatten(0, 1)[:length]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
@@ -38,16 +76,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
     (seq_len - query_len tokens) plus this step's tokens up to itself.
     """
     if ctx.kv_caches is not None:
-        k_cache, v_cache = ctx.kv_caches[layer_idx]
-        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        k_cache, v_cache, *scales = ctx.kv_caches[layer_idx]       # + (k_scale, v_scale) for an fp8 cache
+        k_scale, v_scale = scales or (None, None)
+        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
     qlens = ctx.query_lens_cpu or (ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]).tolist()
     slens = ctx.seq_lens_cpu or ctx.seq_lens.tolist()
     out = torch.empty_like(q)
     start = 0
     for i, (ql, sl) in enumerate(zip(qlens, slens)):
         if ctx.kv_caches is not None:
-            ki = _gather(k_cache, ctx.block_tables[i], sl).transpose(0, 1)
-            vi = _gather(v_cache, ctx.block_tables[i], sl).transpose(0, 1)
+            ki = _gather(k_cache, ctx.block_tables[i], sl, k_scale, q.dtype).transpose(0, 1)
+            vi = _gather(v_cache, ctx.block_tables[i], sl, v_scale, q.dtype).transpose(0, 1)
         else:
             ki, vi = k[start:start + ql].transpose(0, 1), v[start:start + ql].transpose(0, 1)
         # query j sits at context position sl - ql + j and sees keys 0..that position. Long prefills are
