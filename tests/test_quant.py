@@ -269,11 +269,11 @@ MEMORY_PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def mid_checkpoint(tmp_path_factory):
-    """~330 MB of bf16 weights, 90% of them in decoder linears (largest tensor 16 MiB)."""
+    """218 MiB of bf16 weights in 3 shards, 97% of them in decoder linears (largest tensor 16 MiB)."""
     from engine.config import TextConfig, VisionConfig
     from engine.tiny_checkpoint import write_checkpoint
     cfg = ModelConfig(text=TextConfig(vocab_size=1024, hidden_size=1024, intermediate_size=8192,
-                                      num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                                       head_dim=128),
                       vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                           num_attention_heads=4, head_dim=16))
@@ -285,7 +285,7 @@ def mid_checkpoint(tmp_path_factory):
                                                  pytest.param("int8", 0.56, marks=BNB), ("fp8", 0.56)])
 def test_streamed_quantized_load_memory(mid_checkpoint, method, max_fraction):
     """While loading, anonymous memory never exceeds the final (quantized) model plus the largest checkpoint
-    tensor plus a fixed overhead: no full-precision copy of the model (324 MiB), nor of a shard (100 MiB),
+    tensor plus a fixed overhead: no full-precision copy of the model (218 MiB), nor of a shard (100 MiB),
     ever exists. The final footprint is a fraction of the bf16 model's."""
     bf16 = sum(f.stat().st_size for f in mid_checkpoint.glob("*.safetensors"))
     # Allocations >= 1 MiB get their own mapping and go back to the system when freed, so that RSS follows the
