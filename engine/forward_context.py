@@ -21,7 +21,8 @@ class ForwardContext:
     seq_lens: torch.Tensor                     # [num_seqs] int32, context length including this step
     slot_mapping: torch.Tensor | None = None   # [num_tokens] int64, cache slot of each new token
     block_tables: torch.Tensor | None = None   # [num_seqs, max_blocks] int32
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v): [blocks, bs, kvh, d]
+    # per layer (k, v) [blocks, bs, kvh, d]; with an fp8 pool (k, v, k_scales, v_scales), scales [blocks, kvh]
+    kv_caches: list[tuple[torch.Tensor, ...]] | None = None
     # Host copies of the lengths, so the reference (pure PyTorch) attention can slice without a device sync.
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
