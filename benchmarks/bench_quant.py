@@ -35,10 +35,12 @@ import torch  # noqa: E402
 from benchmarks.common import (RESULTS_DIR, format_table, model_presets, model_summary, random_prompts,  # noqa: E402
                                result_path, run_metadata, write_json)
 
-# name -> (quantization, kv_cache_dtype, force the _scaled_mm path of FP8Linear)
-MODES = {"ref": (None, "auto", False), "nf4": ("nf4", "auto", False), "int8": ("int8", "auto", False),
-         "fp8": ("fp8", "auto", False), "fp8-w8a8": ("fp8", "auto", True), "kv-fp8": (None, "fp8", False),
-         "nf4+kv-fp8": ("nf4", "fp8", False)}
+# name -> (quantization, kv_cache_dtype, kernel). kernel None: the engine's default (on CUDA, decode batches
+# of nf4/fp8 through our Triton kernels); "library": bitsandbytes' own nf4 path, to compare; "w8a8": every
+# fp8 matmul through torch._scaled_mm with fp8 activations (the prefill path; on CPU too, to check its math).
+MODES = {"ref": (None, "auto", None), "nf4": ("nf4", "auto", None), "nf4-bnb": ("nf4", "auto", "library"),
+         "int8": ("int8", "auto", None), "fp8": ("fp8", "auto", None), "fp8-w8a8": ("fp8", "auto", "w8a8"),
+         "kv-fp8": (None, "fp8", None), "nf4+kv-fp8": ("nf4", "fp8", None)}
 CHUNK = 7
 
 
@@ -66,15 +68,23 @@ def paged_logits(llm, ids: list[int], chunk: int = CHUNK) -> torch.Tensor:
 
 def load(ckpt, mode: str, device, dtype, **kw):
     from engine import LLM
-    from engine.quant import FP8Linear
-    q, kv, force = MODES[mode]
+    q, kv, _ = MODES[mode]
     llm = LLM(ckpt, device=device, dtype=dtype, progress=False, quantization=q, kv_cache_dtype=kv,
               enable_prefix_caching=False, **kw)
-    if force:     # torch implements _scaled_mm on CPU too: the Hopper path's math, checked off the GPU
-        for m in llm.model.modules():
+    set_mode_kernel(llm.model, mode)
+    return llm
+
+
+def set_mode_kernel(model, mode: str) -> None:
+    from engine.quant import FP8Linear, set_kernel
+    kernel = MODES[mode][2]
+    if kernel == "library":
+        set_kernel(model, "library")
+    elif kernel == "w8a8":      # torch implements _scaled_mm on CPU too: the Hopper path's math, off the GPU
+        set_kernel(model, "library")
+        for m in model.modules():
             if isinstance(m, FP8Linear):
                 m.use_scaled_mm = True
-    return llm
 
 
 def quality(ckpt, modes, device, dtype, prompts, gen_len: int) -> dict:
@@ -207,16 +217,11 @@ def sync(device) -> None:
 def speed(cfg, modes, device, dtype, batches, context, steps) -> dict:
     out = {}
     for mode in modes:
-        if mode == "fp8-w8a8" and torch.device(device).type == "cuda":
-            continue                               # the fp8 mode takes that path on its own where supported
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         model = random_model(cfg, device, dtype, MODES[mode][0])
-        if MODES[mode][2]:
-            for m in model.modules():
-                if hasattr(m, "use_scaled_mm"):
-                    m.use_scaled_mm = True
+        set_mode_kernel(model, mode)
         rec = {"weights_bytes": sum(p.nbytes for p in model.parameters())}
         if torch.device(device).type == "cuda":
             rec["load_peak_bytes"] = torch.cuda.max_memory_allocated(device)

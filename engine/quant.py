@@ -11,6 +11,12 @@ target device, and `load_(w)` takes the checkpoint tensor (host memory) and quan
 on that device, so no full-precision copy of a quantized matrix ever exists there (one chunk at a time).
 The quantized storage is held in Parameters (requires_grad=False), so `model.parameters()` counts the real
 footprint.
+
+Kernels (`.kernel` of each module): on CUDA, batches of up to `quant_matmul.MAX_ROWS` tokens (decode) go
+through our Triton weight-only kernels, which read the same storage (engine/layers/quant_matmul.py says
+why bitsandbytes' 4-bit path is not used there); larger batches (prefill) use bitsandbytes' dequantize +
+matmul for nf4 and `torch._scaled_mm` for fp8. On CPU the library/reference paths run; tests drive the
+Triton kernels there through Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ FP8_MAX = 448.0                 # largest finite float8_e4m3fn; values beyond it
 CHUNK_ELEMENTS = 1 << 20        # full-precision elements quantized at once: 4 MiB in float32
 _LINEAR = re.compile(r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 _bnb = None
+log = logging.getLogger(__name__)
 
 
 class _DropMessages(logging.Filter):
@@ -69,6 +76,36 @@ def check_quantization(method: str | None) -> None:
 
 def is_quantized(module_name: str) -> bool:
     return _LINEAR.fullmatch(module_name) is not None
+
+
+def default_kernel(device) -> str:
+    """"triton" where the decode kernels can run (CUDA with Triton), else "library" (bitsandbytes for
+    nf4 and int8, torch for fp8). Both compute the same quantized product; only speed differs."""
+    from engine.layers import quant_matmul
+    if torch.device(device).type != "cuda":
+        return "library"
+    if not quant_matmul.available():
+        log.warning("Triton is not installed: quantized decode uses the library kernels (slower)")
+        return "library"
+    return "triton"
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Choose the decode kernel of every nf4/fp8 linear ("triton" or "library"), e.g. to benchmark both."""
+    if kernel not in ("triton", "library"):
+        raise ValueError(f"kernel must be 'triton' or 'library', got {kernel!r}")
+    for m in model.modules():
+        if isinstance(m, (NF4Linear, FP8Linear)):
+            m.kernel = kernel
+
+
+def _decode_rows(module, x: torch.Tensor) -> torch.Tensor | None:
+    """x as [rows, K] when the Triton decode kernel should take it, else None."""
+    if module.kernel != "triton":
+        return None
+    from engine.layers.quant_matmul import MAX_ROWS
+    x2 = x.reshape(-1, module.in_features)
+    return x2 if x2.shape[0] <= MAX_ROWS else None
 
 
 def make_linear(method: str, n_in: int, n_out: int, device, dtype: torch.dtype) -> QuantLinear:
@@ -128,6 +165,7 @@ class NF4Linear(QuantLinear):
         self._storage("absmax2", (-(-self.num_blocks // 256),), torch.float32, device)
         self._storage("offset", (), torch.float32, device)
         self.quant_state = None
+        self.kernel = default_kernel(device)
 
     def _quantize_rows(self, r0, chunk):
         F_ = require_bitsandbytes("nf4").functional
@@ -154,7 +192,13 @@ class NF4Linear(QuantLinear):
                                          offset=self.offset, state2=state2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # B=1 rows take bitsandbytes' gemv kernel; larger batches dequantize to the model dtype, then matmul
+        x2 = _decode_rows(self, x)
+        if x2 is not None:
+            from engine.layers.quant_matmul import nf4_matmul
+            y = nf4_matmul(x2, self.weight, self.absmax, self.quant_state.state2.code, self.absmax2, self.offset,
+                           self.out_features, self.in_features, self.blocksize)
+            return y.view(*x.shape[:-1], self.out_features)
+        # bitsandbytes: one row takes its gemv kernel; more dequantize to the model dtype, then matmul
         return require_bitsandbytes("nf4").matmul_4bit(x, self.weight.t(), quant_state=self.quant_state)
 
 
@@ -197,9 +241,11 @@ def scaled_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 class FP8Linear(QuantLinear):
     """float8_e4m3fn weights, one float32 scale per output channel (row absmax / 448): 8.03 bits per weight,
-    22.3 GB of decoder linears. On Ada/Hopper (`use_scaled_mm`) activations are quantized per token to fp8
-    on the fly and `torch._scaled_mm` multiplies with row-wise scales (W8A8). Elsewhere, the CPU included,
-    the reference path dequantizes the weight to the model dtype and multiplies (W8A16)."""
+    22.3 GB of decoder linears. On Ada/Hopper, decode batches (<= 64 tokens) take the Triton weight-only
+    kernel (W8A16: fp8 weights converted in registers, 16-bit activations); larger batches (`use_scaled_mm`)
+    quantize activations per token to fp8 on the fly and `torch._scaled_mm` multiplies with row-wise scales
+    (W8A8, twice the tensor-core rate of bf16). Elsewhere, the CPU included, the reference path dequantizes
+    the weight to the model dtype and multiplies (W8A16)."""
 
     def __init__(self, n_in, n_out, device, dtype):
         super().__init__(n_in, n_out, device, dtype)
@@ -208,6 +254,10 @@ class FP8Linear(QuantLinear):
         # _scaled_mm wants K and N multiples of 16 (the 24B model's 5120/4096/1024/32768 all are)
         self.use_scaled_mm = (scaled_mm_supported(torch.device(device), dtype)
                               and n_in % 16 == 0 and n_out % 16 == 0)
+        # Triton converts float8_e4m3fn only on compute capability 8.9+ (elsewhere: the reference path)
+        dev = torch.device(device)
+        native = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+        self.kernel = default_kernel(dev) if native and n_in % 16 == 0 else "library"
 
     def _quantize_rows(self, r0, chunk):
         scale = chunk.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
@@ -215,6 +265,10 @@ class FP8Linear(QuantLinear):
         self.scale[r0:r0 + chunk.shape[0]] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _decode_rows(self, x)
+        if x2 is not None:      # decode: weight-only (W8A16), bandwidth-bound; no activation quantization
+            from engine.layers.quant_matmul import fp8_matmul
+            return fp8_matmul(x2, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
         if self.use_scaled_mm:
             return fp8_scaled_mm(x.reshape(-1, self.in_features), self.weight, self.scale
                                  ).view(*x.shape[:-1], self.out_features)

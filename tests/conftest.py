@@ -1,9 +1,15 @@
 """Shared fixtures: random-weight checkpoints of the real architecture, written once per session."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (engine/layers/quant_matmul.py) run on CPU tensors through Triton's
+# interpreter; the flag is read when a kernel is defined, so it is set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.tiny_checkpoint import TINY, write_checkpoint
 from engine.tokenizer import write_tekken_v7

@@ -57,6 +57,16 @@ def test_batched_equals_alone_equals_transformers(llm, alone, hf_model):
     idle_and_clean(llm)
 
 
+def test_stale_cache_contents_never_leak_into_a_batch(tiny_dir, alone):
+    """Batched decode reads whole blocks: rows past each sequence's length and the table's padding entries
+    hold whatever was there before. Poison the whole pool with NaN first: outputs must not change."""
+    llm = make_llm(tiny_dir, enable_prefix_caching=False)
+    llm.engine.runner.kv_cache.fill_(float("nan"))
+    outs = llm.generate(mixed_prompts()[:8], GREEDY)
+    assert [o.token_ids for o in outs] == alone[:8]
+    idle_and_clean(llm)
+
+
 def record_steps(eng):
     """Wrap the scheduler so the test sees every step's (request id, tokens) pairs."""
     steps, schedule = [], eng.scheduler.schedule

@@ -20,16 +20,14 @@ from engine.forward_context import ForwardContext
 from engine.quant import FP8, FP8_MAX
 
 QUERY_BLOCK = 1024
+DECODE_GATHER_ROWS = 1 << 26    # elements of K (and as many of V) gathered at once for batched decode
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
              v_scale: torch.Tensor | None = None) -> None:
-    """Scatter the step's K/V rows ([tokens, kv_heads, head_dim]) into their cache slots.
-    Slots < 0 mark padding rows (e.g. CUDA-graph padding) and are not written."""
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    """Scatter the step's K/V rows ([tokens, kv_heads, head_dim]) into their cache slots. Every slot must
+    be a real one (>= 0): checking on the device would cost a GPU->CPU sync in every layer."""
     if k_scale is not None:
         _store_fp8(k, k_cache, k_scale, slot_mapping)
         _store_fp8(v, v_cache, v_scale, slot_mapping)
@@ -58,14 +56,20 @@ def _store_fp8(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor, slots:
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: torch.Tensor | None = None,
             dtype: torch.dtype | None = None) -> torch.Tensor:
-    block_size = cache.shape[1]
-    n_blocks = -(-length // block_size)
-    ids = block_table[:n_blocks].long()
+    """One sequence's first `length` cached rows: [length, kv_heads, d]."""
+    n_blocks = -(-length // cache.shape[1])
+    return _gather_blocks(cache, block_table[None, :n_blocks], scale, dtype)[0, :length]
+
+
+def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor, scale: torch.Tensor | None,
+                   dtype: torch.dtype | None) -> torch.Tensor:
+    """The cached rows of the blocks in `tables` [seqs, n_blocks]: [seqs, n_blocks * block_size, kv_heads, d]."""
+    ids = tables.long()
     if scale is None:
-        return cache[ids].flatten(0, 1)[:length]
+        return cache[ids].flatten(1, 2)
     # fp8 -> model dtype is exact; then one multiply by the block's per-head scale
-    blocks = cache.view(torch.uint8)[ids].view(FP8).to(dtype) * scale[ids].to(dtype)[:, None, :, None]
-    return blocks.flatten(0, 1)[:length]
+    blocks = cache.view(torch.uint8)[ids].view(FP8).to(dtype) * scale[ids].to(dtype)[:, :, None, :, None]
+    return blocks.flatten(1, 2)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
@@ -75,31 +79,63 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
     Each query at context position p attends to key positions 0..p of its own sequence: the cached prefix
     (seq_len - query_len tokens) plus this step's tokens up to itself.
     """
+    k_scale = v_scale = None
     if ctx.kv_caches is not None:
         k_cache, v_cache, *scales = ctx.kv_caches[layer_idx]       # + (k_scale, v_scale) for an fp8 cache
         k_scale, v_scale = scales or (None, None)
         store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
     qlens = ctx.query_lens_cpu or (ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]).tolist()
     slens = ctx.seq_lens_cpu or ctx.seq_lens.tolist()
+    if ctx.kv_caches is not None and len(qlens) == q.shape[0]:      # every sequence brings one token
+        return _decode_attention(q, k_cache, v_cache, ctx, max(slens), k_scale, v_scale, scale)
     out = torch.empty_like(q)
     start = 0
     for i, (ql, sl) in enumerate(zip(qlens, slens)):
         if ctx.kv_caches is not None:
-            ki = _gather(k_cache, ctx.block_tables[i], sl, k_scale, q.dtype).transpose(0, 1)
-            vi = _gather(v_cache, ctx.block_tables[i], sl, v_scale, q.dtype).transpose(0, 1)
+            ki = _gather(k_cache, ctx.block_tables[i], sl, k_scale, q.dtype).transpose(0, 1)[None]
+            vi = _gather(v_cache, ctx.block_tables[i], sl, v_scale, q.dtype).transpose(0, 1)[None]
         else:
-            ki, vi = k[start:start + ql].transpose(0, 1), v[start:start + ql].transpose(0, 1)
+            ki, vi = k[start:start + ql].transpose(0, 1)[None], v[start:start + ql].transpose(0, 1)[None]
         # query j sits at context position sl - ql + j and sees keys 0..that position. Long prefills are
-        # split into query blocks so the score matrix stays [heads, QUERY_BLOCK, sl].
+        # split into query blocks so the score matrix stays [heads, QUERY_BLOCK, sl]. Inputs are 4-D
+        # ([1, heads, len, d]): 3-D ones take PyTorch's slow math kernel on CPU.
         for lo in range(0, ql, QUERY_BLOCK):
             hi = min(lo + QUERY_BLOCK, ql)
             last = sl - ql + hi                     # keys past the block's last query are never visible
-            qpos = torch.arange(last - (hi - lo), last, device=q.device)[:, None]
-            mask = torch.arange(last, device=q.device)[None, :] <= qpos
-            o = F.scaled_dot_product_attention(q[start + lo:start + hi].transpose(0, 1), ki[:, :last],
-                                               vi[:, :last], attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start + lo:start + hi] = o.transpose(0, 1)
+            mask = None
+            if hi - lo > 1:                         # a single query sees every key up to itself: no mask
+                qpos = torch.arange(last - (hi - lo), last, device=q.device)[:, None]
+                mask = torch.arange(last, device=q.device)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(q[start + lo:start + hi].transpose(0, 1)[None], ki[:, :, :last],
+                                               vi[:, :, :last], attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start + lo:start + hi] = o[0].transpose(0, 1)
         start += ql
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
+                      max_len: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence, all sequences at once: their blocks gathered into one zero-padded
+    [seqs, kv_heads, keys, d] batch, the padding masked by `seq_lens`. Fixed launches per layer whatever the
+    batch size, and no host sync. Sequences go in groups so the gathered copy stays bounded."""
+    n, block_size = q.shape[0], k_cache.shape[1]
+    n_blocks = -(-max_len // block_size)
+    tables = ctx.block_tables[:, :n_blocks]
+    keys = n_blocks * block_size
+    valid = torch.arange(keys, device=q.device)[None, :] < ctx.seq_lens[:, None]           # [seqs, keys]
+    out = torch.empty_like(q)
+    group = max(1, DECODE_GATHER_ROWS // (keys * k_cache.shape[2] * k_cache.shape[3]))
+    for lo in range(0, n, group):
+        hi = min(n, lo + group)
+        # Rows past a sequence's length hold whatever their block held before (or another request's rows,
+        # for padding entries of the table). Masked scores get weight 0, but 0 * NaN is NaN: zero them.
+        ok = valid[lo:hi, :, None, None]
+        ki = torch.where(ok, _gather_blocks(k_cache, tables[lo:hi], k_scale, q.dtype), 0).transpose(1, 2)
+        vi = torch.where(ok, _gather_blocks(v_cache, tables[lo:hi], v_scale, q.dtype), 0).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[lo:hi, :, None], ki, vi, attn_mask=valid[lo:hi, None, None, :],
+                                           scale=scale, enable_gqa=True)
+        out[lo:hi] = o[:, :, 0]
     return out
 
 
@@ -114,8 +150,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: l
     start = 0
     for n in lens:
         s = slice(start, start + n)
-        o = F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1),
-                                           scale=scale)
-        out[s] = o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[s].transpose(0, 1)[None], k[s].transpose(0, 1)[None],
+                                           v[s].transpose(0, 1)[None], scale=scale)
+        out[s] = o[0].transpose(0, 1)
         start += n
     return out

@@ -1,0 +1,170 @@
+"""Triton weight-only matmuls for few-token batches (decode): y = x W^T with W read in its quantized form,
+never materialized in 16 bits. Decode reads every weight once per step, so its time is bytes moved: nf4
+moves 0.26×, fp8 0.5× of bf16. bitsandbytes' own 4-bit path does not turn that into speed (its gemv
+kernel takes one row at a time and batches of 2+ dequantize the whole matrix to 16 bits before a cuBLAS
+matmul), hence these kernels.
+
+Both kernels work on the storage `engine.quant` already keeps, so the quantized model is the same whichever
+kernel runs:
+- nf4: bitsandbytes' layout. Packed codes [N*K/2] uint8 (high nibble = even element); the scale of each
+  block of `group` weights (blocks never straddle rows) is itself stored as an 8-bit code:
+  absmax = code2[absmax_u8] * absmax2[block // 256] + offset; weight = NF4[nibble] * absmax.
+- fp8: float8_e4m3fn [N, K] with one float32 scale per output row.
+
+One program computes a BLOCK_M × BLOCK_N tile of y over a slice of K (split-K when N alone gives too few
+programs to fill the GPU); slices land in a float32 [split, M, N] buffer summed afterwards, so the result
+does not depend on scheduling (no atomics). Several tokens use tensor-core dots (rows padded to 16); a
+single token (single-stream decode) multiplies and reduces in float32 instead. The nf4 tile walks K one quantization block at a time, so each
+block's scale multiplies a partial product once instead of every weight; even and odd K columns are two
+dots against the high and low nibbles, so nothing is interleaved in registers.
+
+With TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on CPU tensors: the
+tests use that to check them against the reference dequantization.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:         # no Triton: `available()` is False and engine.quant keeps its other paths
+    triton = None
+
+MAX_ROWS = 64           # beyond this many tokens a batch is compute-bound: dequantize + cuBLAS wins
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+@functools.cache
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _split_k(n_tiles: int, k_steps: int, device: torch.device, min_steps: int) -> int:
+    """Largest power-of-two split of the K loop that still leaves each program `min_steps` iterations and
+    stops once there are two programs per SM."""
+    split, sms = 1, _num_sms(device)
+    while n_tiles * split < 2 * sms and k_steps % (2 * split) == 0 and k_steps // (2 * split) >= min_steps:
+        split *= 2
+    return split
+
+
+def _block_m(m: int) -> int:
+    """1 for a single token (the reduction path), else a tl.dot tile (every dimension >= 16)."""
+    return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+
+
+if triton is not None:
+    @triton.jit
+    def _nf4_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, nf4_ptr, y_ptr,
+                    M, N, K, stride_xm, K_SPLIT,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HALF: tl.constexpr = GROUP // 2
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rj = tl.arange(0, HALF)
+        m_ok, n_ok = rm < M, rn < N
+        rn_safe = tl.where(n_ok, rn, 0)                         # out-of-range rows re-read row 0, unstored
+        offset = tl.load(offset_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_begin = pid_k * K_SPLIT
+        groups_per_row = K // GROUP
+        for k0 in range(k_begin, k_begin + K_SPLIT, GROUP):
+            b = tl.load(w_ptr + rn_safe[None, :] * (K // 2) + (k0 // 2 + rj)[:, None])    # [HALF, BLOCK_N]
+            hi = tl.load(nf4_ptr + (b >> 4).to(tl.int32))
+            lo = tl.load(nf4_ptr + (b & 15).to(tl.int32))
+            xp = x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj)[None, :]
+            x_even = tl.load(xp, mask=m_ok[:, None], other=0.0)                          # [BLOCK_M, HALF]
+            x_odd = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
+            if BLOCK_M == 1:        # one token: multiply-add and reduce, no tensor-core operand shuffles
+                part = tl.sum(hi * tl.trans(x_even.to(tl.float32)) + lo * tl.trans(x_odd.to(tl.float32)),
+                              axis=0)[None, :]
+            else:
+                part = tl.dot(x_even, hi.to(x_even.dtype)) + tl.dot(x_odd, lo.to(x_odd.dtype))
+            blk = rn_safe * groups_per_row + k0 // GROUP
+            scale = tl.load(code2_ptr + tl.load(absmax_ptr + blk).to(tl.int32)) * tl.load(absmax2_ptr + blk // 256)
+            acc += part * (scale + offset)[None, :]
+        out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _fp8_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, K_SPLIT,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok, n_ok = rm < M, rn < N
+        rn_safe = tl.where(n_ok, rn, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_begin = pid_k * K_SPLIT
+        for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+            w = tl.load(w_ptr + rn_safe[None, :] * K + (k0 + rk)[:, None])                # [BLOCK_K, BLOCK_N]
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+            if BLOCK_M == 1:
+                acc += tl.sum(w.to(tl.float32) * tl.trans(x.to(tl.float32)), axis=0)[None, :]
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+        acc *= tl.load(scale_ptr + rn_safe)[None, :]
+        out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _finish(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (partial[0] if partial.shape[0] == 1 else partial.sum(0)).to(dtype)
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor,
+               absmax2: torch.Tensor, offset: torch.Tensor, n: int, k: int, group: int,
+               block_n: int = 128, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (16-bit or float32, M <= MAX_ROWS) times the nf4 matrix [N, K] transposed -> [M, N]."""
+    m = x.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    k_steps = k // group
+    n_tiles = triton.cdiv(n, block_n)
+    split = split_k or _split_k(n_tiles, k_steps, x.device, min_steps=8)
+    assert k % group == 0 and k_steps % split == 0, (k, group, split)
+    y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    bm = _block_m(m)
+    grid = (n_tiles, split, triton.cdiv(m, bm))
+    _nf4_kernel[grid](x, packed, absmax, code2, absmax2, offset, _nf4_table(x.device), y,
+                      m, n, k, x.stride(0), k // split, GROUP=group, BLOCK_M=bm, BLOCK_N=block_n)
+    return _finish(y, x.dtype)
+
+
+def fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_n: int = 64, block_k: int = 128,
+               split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] times (w [N, K] float8_e4m3fn * scale[:, None]) transposed -> [M, N] in x's dtype."""
+    m, (n, k) = x.shape[0], w.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    while k % block_k:
+        block_k //= 2
+    assert block_k >= 16, f"fp8 kernel needs K divisible by 16, got {k}"
+    k_steps = k // block_k
+    n_tiles = triton.cdiv(n, block_n)
+    split = split_k or _split_k(n_tiles, k_steps, x.device, min_steps=4)
+    assert k_steps % split == 0, (k, block_k, split)
+    y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    bm = _block_m(m)
+    grid = (n_tiles, split, triton.cdiv(m, bm))
+    _fp8_kernel[grid](x, w, scale, y, m, n, k, x.stride(0), k // split,
+                      BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k)
+    return _finish(y, x.dtype)
