@@ -74,6 +74,13 @@ class LiveServer:
             time.sleep(0.02)
         return False
 
+    def assert_drained(self, timeout: float = 5.0) -> None:
+        """The engine finished everything it was given and its KV pool is whole again (no leaked blocks)."""
+        assert self.wait_idle(timeout), "requests still running on the engine after the test"
+        self.engine.check_integrity()
+        bm = self.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} blocks still held"
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)

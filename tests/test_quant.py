@@ -2,15 +2,11 @@
 streaming (bounded memory), the quality bounds measured on the tiny checkpoint, fp8 KV capacity, errors."""
 
 import importlib.util
-import json
-import os
-import subprocess
 import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
+from util import measure_load
 
 from engine import LLM, SamplingParams, quant
 from engine.config import EngineConfig, ModelConfig
@@ -235,38 +231,6 @@ def test_cli_flags(tiny_dir, capsys):
 
 
 # ---- streamed quantization: memory -------------------------------------------------------------------------
-MEMORY_PROBE = textwrap.dedent("""
-    import json, sys, threading, time, torch
-    if sys.argv[2] in ("nf4", "int8"):
-        import bitsandbytes  # noqa: F401  (its import allocates; not part of the load)
-    from engine.weights import load_model, plan, resolve
-    from engine.models.mistral3 import Mistral3ForConditionalGeneration
-
-    def anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
-    ckpt = resolve(sys.argv[1])
-    with torch.device("meta"):
-        largest = max(e.nbytes for e in plan(ckpt, Mistral3ForConditionalGeneration(ckpt.config())))
-    before, peak, done = anon(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    model = load_model(ckpt, "cpu", torch.bfloat16, progress=False, quantization=sys.argv[2])
-    done.set(); t.join()
-    after = anon()
-    print(json.dumps({"before": before, "peak": max(peak[0], after), "after": after, "largest": largest,
-                      "model_bytes": sum(p.nbytes for p in model.parameters())}))
-""")
-
-
 @pytest.fixture(scope="module")
 def mid_checkpoint(tmp_path_factory):
     """218 MiB of bf16 weights in 3 shards, 97% of them in decoder linears (largest tensor 16 MiB)."""
@@ -288,14 +252,7 @@ def test_streamed_quantized_load_memory(mid_checkpoint, method, max_fraction):
     tensor plus a fixed overhead: no full-precision copy of the model (218 MiB), nor of a shard (100 MiB),
     ever exists. The final footprint is a fraction of the bf16 model's."""
     bf16 = sum(f.stat().st_size for f in mid_checkpoint.glob("*.safetensors"))
-    # Allocations >= 1 MiB get their own mapping and go back to the system when freed, so that RSS follows the
-    # live tensors (like torch.cuda.max_memory_allocated on a GPU). Otherwise glibc keeps freed chunks in its
-    # heap: 30-60 MiB that vary from run to run and belong to no tensor.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(mid_checkpoint), method], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr
-    m = json.loads(r.stdout)
+    m = measure_load(mid_checkpoint, method)
     mib = 2**20
     growth, overhead = m["after"] - m["before"], 48 * mib
     print(f"{method}: bf16 checkpoint {bf16 / mib:.0f} MiB, quantized {m['model_bytes'] / mib:.0f} MiB, "

@@ -12,7 +12,8 @@ from engine import quant
 from engine.layers import quant_matmul as qm
 
 pytestmark = [pytest.mark.skipif(not qm.available(), reason="needs triton"),
-              pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")]
+              pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                 reason="needs bitsandbytes")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -41,7 +42,7 @@ def test_nf4_kernel_equals_bitsandbytes_dequantization(n, k, m):
     x = torch.randn(m, k, device=DEVICE)
     ref = x @ dense.t()
     steps = k // lin.blocksize
-    for split in (1, steps):                                 # no split, and one quantization block per program
+    for split in (1, steps):                 # no split, and one quantization block per program
         y = nf4_call(lin, x, block_n=64, split_k=split)
         assert y.shape == (m, n) and y.dtype == x.dtype
         assert rel_err(y, ref) < 1e-5, (split, rel_err(y, ref))
@@ -109,7 +110,7 @@ def test_tiny_model_through_the_kernels(method, tiny_dir):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = {}
     for kernel in ("library", "triton"):
-        llm = LLM(tiny_dir, device="cpu", dtype="float32", progress=False, quantization=method,
+        llm = LLM(tiny_dir, device=DEVICE, dtype="float32", progress=False, quantization=method,
                   enable_prefix_caching=False, kv_cache_memory=8 * 2**20)
         quant.set_kernel(llm.model, kernel)
         calls = []

@@ -69,10 +69,7 @@ def no_leak(request):
     """After every test that used the main server: the engine drains and its KV pool is whole again."""
     yield
     if "live" in request.fixturenames:
-        srv = request.getfixturevalue("live")
-        assert srv.wait_idle(5), "requests still running on the engine after the test"
-        srv.engine.check_integrity()
-        assert srv.engine.block_manager.num_free_blocks == srv.engine.block_manager.num_blocks
+        request.getfixturevalue("live").assert_drained(5)
 
 
 @pytest.fixture

@@ -220,9 +220,7 @@ def drained(request):
     """After every test that used the server: the engine is idle and its KV pool whole."""
     yield
     if "live" in request.fixturenames:
-        srv = request.getfixturevalue("live")
-        assert srv.wait_idle(10), "requests still running on the engine after the test"
-        srv.engine.check_integrity()
+        request.getfixturevalue("live").assert_drained(10)
 
 
 @dataclass

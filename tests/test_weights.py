@@ -6,12 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from util import measure_load
 
 from engine import weights
 from engine.config import ConfigError
@@ -250,34 +250,6 @@ def test_hub_id_offline_uses_the_local_cache(make_checkpoint, tmp_path):
 
 
 # ---- memory -------------------------------------------------------------------------------------------
-MEMORY_PROBE = textwrap.dedent("""
-    import json, sys, threading, time, torch
-    from engine.weights import load_model, resolve
-
-    def anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
-    ckpt = resolve(sys.argv[1])
-    before, peak, done = anon(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    model = load_model(ckpt, "cpu", torch.bfloat16, progress=False)
-    done.set(); t.join()
-    after = anon()
-    print(json.dumps({"before": before, "peak": max(peak[0], after), "after": after,
-                      "model_bytes": sum(p.nbytes for p in model.parameters()),
-                      "largest": max(p.nbytes for p in model.parameters())}))
-""")
-
-
 def test_streamed_load_keeps_anonymous_memory_bounded(tmp_path):
     """A >= 1 GB checkpoint: while loading, anonymous memory never exceeds the final model plus twice the
     largest tensor plus a fixed overhead (no whole-file or whole-shard copies in memory)."""
@@ -291,9 +263,7 @@ def test_streamed_load_keeps_anonymous_memory_bounded(tmp_path):
     d = write_checkpoint(tmp_path / "big", cfg, "hf", shard_bytes=400 * 2**20, tokenizer=False)
     size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     assert size >= 2**30 and len(list(d.glob("model-*.safetensors"))) >= 3
-    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(d)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    m = json.loads(r.stdout)
+    m = measure_load(d, timeout=600)
     overhead = 64 * 2**20
     transient = m["peak"] - m["after"]
     print(f"checkpoint {size / 2**30:.2f} GiB, largest tensor {m['largest'] / 2**20:.0f} MiB, "

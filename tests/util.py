@@ -1,7 +1,12 @@
-"""Helpers shared by tests: images as data URIs, image chats, HF-style pixel batches."""
+"""Helpers shared by tests: images as data URIs, image chats, HF-style pixel batches, load memory."""
 
 import base64
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,3 +44,16 @@ def hf_greedy(hf_model, ids: list[int], n: int, images=()) -> list[int]:
     out = hf_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                             **extra)
     return out[0, len(ids):].tolist()
+
+
+def measure_load(ckpt, quantization: str | None = None, timeout: int = 300) -> dict:
+    """Anonymous memory of loading `ckpt` in a fresh process (tests/memory_probe.py), in bytes.
+    Allocations >= 1 MiB get their own mapping and go back to the system when freed, so RSS follows the live
+    tensors (like torch.cuda.max_memory_allocated on a GPU); otherwise glibc keeps 30-60 MiB of freed chunks
+    in its heap, varying from run to run."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    probe = Path(__file__).with_name("memory_probe.py")
+    r = subprocess.run([sys.executable, str(probe), str(ckpt), quantization or "none"], capture_output=True,
+                       text=True, timeout=timeout, env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

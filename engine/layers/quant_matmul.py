@@ -72,8 +72,8 @@ def _block_m(m: int) -> int:
 if triton is not None:
     @triton.jit
     def _nf4_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, nf4_ptr, y_ptr,
-                    M, N, K, stride_xm, K_SPLIT,
-                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    M, N, K, stride_xm, K_SPLIT, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         HALF: tl.constexpr = GROUP // 2
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,7 +96,8 @@ if triton is not None:
                 part = tl.sum(hi * tl.trans(x_even.to(tl.float32)) + lo * tl.trans(x_odd.to(tl.float32)),
                               axis=0)[None, :]
             else:
-                part = tl.dot(x_even, hi.to(x_even.dtype)) + tl.dot(x_odd, lo.to(x_odd.dtype))
+                part = (tl.dot(x_even, hi.to(x_even.dtype), input_precision=PRECISION)
+                        + tl.dot(x_odd, lo.to(x_odd.dtype), input_precision=PRECISION))
             blk = rn_safe * groups_per_row + k0 // GROUP
             scale = tl.load(code2_ptr + tl.load(absmax_ptr + blk).to(tl.int32)) * tl.load(absmax2_ptr + blk // 256)
             acc += part * (scale + offset)[None, :]
@@ -104,8 +105,8 @@ if triton is not None:
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _fp8_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, K_SPLIT,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _fp8_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, K_SPLIT, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,10 +121,15 @@ if triton is not None:
             if BLOCK_M == 1:
                 acc += tl.sum(w.to(tl.float32) * tl.trans(x.to(tl.float32)), axis=0)[None, :]
             else:
-                acc += tl.dot(x, w.to(x.dtype))
+                acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
         acc *= tl.load(scale_ptr + rn_safe)[None, :]
         out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 activations (tests, CPU-like numerics) multiply in full precision, not TF32."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _finish(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +151,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     bm = _block_m(m)
     grid = (n_tiles, split, triton.cdiv(m, bm))
     _nf4_kernel[grid](x, packed, absmax, code2, absmax2, offset, _nf4_table(x.device), y,
-                      m, n, k, x.stride(0), k // split, GROUP=group, BLOCK_M=bm, BLOCK_N=block_n)
+                      m, n, k, x.stride(0), k // split, GROUP=group, BLOCK_M=bm, BLOCK_N=block_n,
+                      PRECISION=_precision(x))
     return _finish(y, x.dtype)
 
 
@@ -166,5 +173,5 @@ def fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_n: i
     bm = _block_m(m)
     grid = (n_tiles, split, triton.cdiv(m, bm))
     _fp8_kernel[grid](x, w, scale, y, m, n, k, x.stride(0), k // split,
-                      BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k)
+                      BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x))
     return _finish(y, x.dtype)
