@@ -127,51 +127,66 @@ if triton is not None:
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _precision(x: torch.Tensor) -> str:
+def _precision(dtype: torch.dtype) -> str:
     """float32 activations (tests, CPU-like numerics) multiply in full precision, not TF32."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _finish(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (partial[0] if partial.shape[0] == 1 else partial.sum(0)).to(dtype)
 
 
+def nf4_config(m: int, dtype: torch.dtype, group: int = 64) -> dict:
+    """The constexprs `nf4_matmul` launches with for `m` rows of `dtype` (tests/kernel_compile.py compiles
+    exactly these). float32 tiles are narrower: at 64 rows the 128-wide one needs 100 KiB of shared memory,
+    more than Ada's 99 KiB."""
+    return {"GROUP": group, "BLOCK_M": _block_m(m), "BLOCK_N": 64 if dtype == torch.float32 else 128,
+            "PRECISION": _precision(dtype)}
+
+
+def fp8_config(m: int, dtype: torch.dtype, k: int = 4096) -> dict:
+    block_k = 128
+    while k % block_k:
+        block_k //= 2
+    return {"BLOCK_M": _block_m(m), "BLOCK_N": 64, "BLOCK_K": block_k, "PRECISION": _precision(dtype)}
+
+
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor,
                absmax2: torch.Tensor, offset: torch.Tensor, n: int, k: int, group: int,
-               block_n: int = 128, split_k: int | None = None) -> torch.Tensor:
+               block_n: int | None = None, split_k: int | None = None) -> torch.Tensor:
     """x [M, K] (16-bit or float32, M <= MAX_ROWS) times the nf4 matrix [N, K] transposed -> [M, N]."""
     m = x.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
+    cfg = nf4_config(m, x.dtype, group)
+    if block_n:
+        cfg["BLOCK_N"] = block_n
     k_steps = k // group
-    n_tiles = triton.cdiv(n, block_n)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     split = split_k or _split_k(n_tiles, k_steps, x.device, min_steps=8)
     assert k % group == 0 and k_steps % split == 0, (k, group, split)
     y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    bm = _block_m(m)
-    grid = (n_tiles, split, triton.cdiv(m, bm))
+    grid = (n_tiles, split, triton.cdiv(m, cfg["BLOCK_M"]))
     _nf4_kernel[grid](x, packed, absmax, code2, absmax2, offset, _nf4_table(x.device), y,
-                      m, n, k, x.stride(0), k // split, GROUP=group, BLOCK_M=bm, BLOCK_N=block_n,
-                      PRECISION=_precision(x))
+                      m, n, k, x.stride(0), k // split, **cfg)
     return _finish(y, x.dtype)
 
 
-def fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_n: int = 64, block_k: int = 128,
+def fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int | None = None,
                split_k: int | None = None) -> torch.Tensor:
     """x [M, K] times (w [N, K] float8_e4m3fn * scale[:, None]) transposed -> [M, N] in x's dtype."""
     m, (n, k) = x.shape[0], w.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    while k % block_k:
-        block_k //= 2
-    assert block_k >= 16, f"fp8 kernel needs K divisible by 16, got {k}"
-    k_steps = k // block_k
-    n_tiles = triton.cdiv(n, block_n)
+    cfg = fp8_config(m, x.dtype, k)
+    if block_k:
+        cfg["BLOCK_K"] = block_k
+    assert k % cfg["BLOCK_K"] == 0 and cfg["BLOCK_K"] >= 16, f"fp8 kernel needs K divisible by 16, got {k}"
+    k_steps = k // cfg["BLOCK_K"]
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     split = split_k or _split_k(n_tiles, k_steps, x.device, min_steps=4)
-    assert k_steps % split == 0, (k, block_k, split)
+    assert k_steps % split == 0, (k, cfg["BLOCK_K"], split)
     y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    bm = _block_m(m)
-    grid = (n_tiles, split, triton.cdiv(m, bm))
-    _fp8_kernel[grid](x, w, scale, y, m, n, k, x.stride(0), k // split,
-                      BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x))
+    grid = (n_tiles, split, triton.cdiv(m, cfg["BLOCK_M"]))
+    _fp8_kernel[grid](x, w, scale, y, m, n, k, x.stride(0), k // split, **cfg)
     return _finish(y, x.dtype)
