@@ -21,6 +21,7 @@ Triton kernels there through Triton's interpreter.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -81,13 +82,17 @@ def is_quantized(module_name: str) -> bool:
 def default_kernel(device) -> str:
     """"triton" where the decode kernels can run (CUDA with Triton), else "library" (bitsandbytes for
     nf4 and int8, torch for fp8). Both compute the same quantized product; only speed differs."""
-    from engine.layers import quant_matmul
     if torch.device(device).type != "cuda":
         return "library"
-    if not quant_matmul.available():
+    return "triton" if _triton_available() else "library"
+
+
+@functools.cache
+def _triton_available() -> bool:
+    from engine.layers import quant_matmul
+    if not quant_matmul.available():     # said once, not once per linear
         log.warning("Triton is not installed: quantized decode uses the library kernels (slower)")
-        return "library"
-    return "triton"
+    return quant_matmul.available()
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
