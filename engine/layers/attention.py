@@ -1,7 +1,8 @@
 """Causal attention for the decoder over the paged KV cache; bidirectional per-image attention for vision.
 
 This file is the pure-PyTorch reference path: it runs on CPU and defines what a fused GPU kernel must
-reproduce. The model hands over q/k/v for the step's tokens; where they are cached and which earlier tokens
+reproduce. On CUDA, decode steps (one token per sequence) take the Triton paged kernel instead
+(paged_attention.py), which reads the cache in place. The model hands over q/k/v for the step's tokens; where they are cached and which earlier tokens
 they see comes only from the ForwardContext.
 
 KV cache in fp8 (`kv_cache_dtype="fp8"`): a layer's cache entry is (k, v, k_scale, v_scale), the pools in
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_context import ForwardContext
+from engine.layers import paged_attention
 from engine.quant import FP8, FP8_MAX
 
 QUERY_BLOCK = 1024
@@ -87,6 +89,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
     qlens = ctx.query_lens_cpu or (ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]).tolist()
     slens = ctx.seq_lens_cpu or ctx.seq_lens.tolist()
     if ctx.kv_caches is not None and len(qlens) == q.shape[0]:      # every sequence brings one token
+        if use_triton_decode(q, k_scale is not None):
+            return paged_attention.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
+                                                    max(slens), scale, k_scale, v_scale)
         return _decode_attention(q, k_cache, v_cache, ctx, max(slens), k_scale, v_scale, scale)
     out = torch.empty_like(q)
     start = 0
@@ -111,6 +116,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
             out[start + lo:start + hi] = o[0].transpose(0, 1)
         start += ql
     return out
+
+
+def use_triton_decode(q: torch.Tensor, fp8_cache: bool) -> bool:
+    """Decode steps on CUDA take the Triton paged kernel (engine/layers/paged_attention.py); Triton reads
+    float8_e4m3fn only from compute capability 8.9 on, so older GPUs keep the reference path for fp8 KV."""
+    if q.device.type != "cuda" or not paged_attention.available():
+        return False
+    return not fp8_cache or torch.cuda.get_device_capability(q.device) >= (8, 9)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
