@@ -31,6 +31,10 @@ from torch import nn
 
 QUANTIZATIONS = ("nf4", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)     # bitsandbytes' NF4 code book (QLoRA), also the Triton kernel's table
 FP8_MAX = 448.0                 # largest finite float8_e4m3fn; values beyond it would become NaN
 CHUNK_ELEMENTS = 1 << 20        # full-precision elements quantized at once: 4 MiB in float32
 _LINEAR = re.compile(r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
@@ -113,6 +117,21 @@ def _decode_rows(module, x: torch.Tensor) -> torch.Tensor | None:
     return x2 if x2.shape[0] <= MAX_ROWS else None
 
 
+BNB_4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                  "quant_state.bitsandbytes__fp4")
+
+
+def dequantize_prequantized(parts: dict[str, torch.Tensor], shape) -> torch.Tensor:
+    """A bitsandbytes 4-bit tensor of a checkpoint, for a module we keep in full precision (e.g. a quantized
+    vision tower): its exact dequantized values, float32 on the CPU."""
+    F_ = require_bitsandbytes("nf4").functional
+    st = F_.QuantState.from_dict({k: v for k, v in parts.items() if k != "weight"}, torch.device("cpu"))
+    if tuple(st.shape) != tuple(shape):
+        raise ValueError(f"quantized shape {list(st.shape)}, expected {list(shape)}")
+    st.dtype = torch.float32
+    return F_.dequantize_4bit(parts["weight"], st)
+
+
 def make_linear(method: str, n_in: int, n_out: int, device, dtype: torch.dtype) -> QuantLinear:
     return {"nf4": NF4Linear, "int8": Int8Linear, "fp8": FP8Linear}[method](n_in, n_out, device, dtype)
 
@@ -190,11 +209,52 @@ class NF4Linear(QuantLinear):
         self.absmax.copy_(qabsmax)
         self.absmax2.copy_(st2.absmax)
         self.offset.copy_(offset)
-        state2 = F_.QuantState(absmax=self.absmax2, code=st2.code, blocksize=256, dtype=torch.float32)
+        self._set_state(st2.code)
+
+    def _set_state(self, code2: torch.Tensor) -> None:
+        F_ = require_bitsandbytes("nf4").functional
+        state2 = F_.QuantState(absmax=self.absmax2, code=code2, blocksize=256, dtype=torch.float32)
         shape = torch.Size([self.out_features, self.in_features])
         self.quant_state = F_.QuantState(absmax=self.absmax, shape=shape, code=self._code,
                                          blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
                                          offset=self.offset, state2=state2)
+
+    @torch.no_grad()
+    def load_prequantized_(self, parts: dict[str, torch.Tensor]) -> None:
+        """Adopt a bitsandbytes 4-bit state as transformers saves it (`weight` + `weight.absmax`,
+        `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`; keys here
+        without the `weight.` prefix): the checkpoint's codes are kept bit for bit. Without double
+        quantization (a float32 absmax) the absmax is 8-bit quantized here, as for our own nf4."""
+        F_ = require_bitsandbytes("nf4").functional
+        dev = self.weight.device
+        st = F_.QuantState.from_dict({k: v for k, v in parts.items() if k != "weight"}, dev)
+        shape = (self.out_features, self.in_features)
+        if st.quant_type != "nf4":
+            raise ValueError(f"4-bit quant_type {st.quant_type!r}: only nf4 checkpoints are supported")
+        if tuple(st.shape) != shape:
+            raise ValueError(f"quantized shape {list(st.shape)}, expected {list(shape)}")
+        if self.in_features % st.blocksize:
+            raise ValueError(f"blocks of {st.blocksize} straddle rows of {self.in_features} weights: unsupported")
+        if not torch.allclose(st.code.float().cpu(), torch.tensor(NF4_CODE)):
+            raise ValueError("quant_map is not the NF4 code book")
+        if st.blocksize != self.blocksize:          # storage was sized for our own block size
+            self.blocksize, self.num_blocks = st.blocksize, self.in_features * self.out_features // st.blocksize
+            self._storage("absmax", (self.num_blocks,), torch.uint8, dev)
+            self._storage("absmax2", (-(-self.num_blocks // 256),), torch.float32, dev)
+        if parts["weight"].numel() != self.weight.numel():
+            raise ValueError(f"{parts['weight'].numel()} packed bytes, expected {self.weight.numel()}")
+        self.weight.copy_(parts["weight"].reshape(self.weight.shape))
+        self._code = st.code
+        if st.state2 is not None and st.state2.blocksize == 256 and st.absmax.dtype == torch.uint8:
+            self.absmax.copy_(st.absmax)
+            self.absmax2.copy_(st.state2.absmax)
+            self.offset.copy_(st.offset)
+            self._set_state(st.state2.code)
+        else:                                       # plain float absmax (or another nesting): ours
+            absmax = st.absmax.float() if st.state2 is None else \
+                F_.dequantize_blockwise(st.absmax, st.state2) + st.offset
+            self._absmax = absmax.to(dev, torch.float32)
+            self._finish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _decode_rows(self, x)

@@ -13,7 +13,8 @@ every parameter was written.
 
 With `quantization` ("nf4", "int8", "fp8"; engine/quant.py) the decoder linears get only quantized storage,
 and each of their tensors is quantized as it arrives instead of being copied: no full-precision copy of the
-model ever exists on the device.
+model ever exists on the device. A pre-quantized bitsandbytes nf4 checkpoint (config.json's
+quantization_config) is read as groups of tensors per quantized weight and adopted without requantizing.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ class Checkpoint:
 
     def config(self) -> ModelConfig:
         return load_config(self.config_path)
+
+    def prequantized(self) -> str | None:
+        """"nf4" for a bitsandbytes 4-bit checkpoint (config.json's quantization_config, as transformers
+        writes it), None for full-precision weights. Other pre-quantized formats are refused by name."""
+        if self.format != "hf":
+            return None
+        qc = json.loads(self.config_path.read_text()).get("quantization_config")
+        if not qc:
+            return None
+        method = qc.get("quant_method")
+        if method == "bitsandbytes" and qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type", "nf4") == "nf4":
+            return "nf4"
+        what = method if method != "bitsandbytes" else \
+            ("bitsandbytes 8-bit" if qc.get("load_in_8bit") else f"bitsandbytes {qc.get('bnb_4bit_quant_type')}")
+        raise CheckpointError(f"{self.directory}: pre-quantized {what} checkpoints are not supported (bitsandbytes "
+                              "nf4 is); load the bf16 checkpoint with quantization='nf4' | 'int8' | 'fp8'")
 
 
 # ---- where the files are ---------------------------------------------------------------------------------
@@ -212,14 +229,19 @@ class _Entry:
     param: str
     transform: Transform
     nbytes: int
+    # a bitsandbytes 4-bit tensor: part ("weight", "absmax", ...) -> (file, key)
+    parts: dict[str, tuple[Path, str]] | None = None
 
 
-def plan(ckpt: Checkpoint, model: torch.nn.Module) -> list[_Entry]:
+def plan(ckpt: Checkpoint, model: torch.nn.Module, prequantized: str | None = None) -> list[_Entry]:
     """Read only the headers and match every tensor to a parameter. Raises one CheckpointError listing all
-    unreadable files, unknown, duplicate, missing and misshapen tensors."""
+    unreadable files, unknown, duplicate, missing and misshapen tensors. In a pre-quantized (bitsandbytes
+    nf4) checkpoint a quantized weight is a group of tensors (`X.weight` packed uint8, `X.weight.absmax`,
+    ...): the group stands for parameter `X.weight`."""
     cfg = ckpt.config()
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     entries: dict[str, _Entry] = {}
+    groups: dict[str, dict[str, tuple[Path, str, tuple, str]]] = {}
     present: set[str] = set()          # matched a parameter, whether usable or not
     bad_files, unexpected, misshapen, duplicate, bad_dtype = [], [], [], [], []
     for f in ckpt.files:
@@ -228,11 +250,16 @@ def plan(ckpt: Checkpoint, model: torch.nn.Module) -> list[_Entry]:
                 for key in st.keys():
                     sl = st.get_slice(key)
                     shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                    mapped = map_name(key, ckpt.format, cfg)
+                    part = _bnb_part(key, dtype) if prequantized else None
+                    base = key[:-len(part) - 1] if part and part != "weight" else key
+                    mapped = map_name(base, ckpt.format, cfg)
                     if mapped is None or mapped[0] not in expected:
                         unexpected.append(f"{key} ({f.name})")
                         continue
                     name, transform = mapped
+                    if part:
+                        groups.setdefault(name, {})[part] = (f, key, shape, dtype)
+                        continue
                     if name in present:
                         duplicate.append(f"{key} ({f.name}; mapped to {name} twice)")
                     elif shape != expected[name]:
@@ -240,13 +267,29 @@ def plan(ckpt: Checkpoint, model: torch.nn.Module) -> list[_Entry]:
                     elif dtype not in _FLOAT_DTYPES:
                         bad_dtype.append(f"{key}: dtype {dtype}")
                     else:
-                        n = 1
-                        for s in shape:
-                            n *= s
-                        entries[name] = _Entry(f, key, name, transform, n * _itemsize(dtype))
+                        entries[name] = _Entry(f, key, name, transform, _nbytes(shape, dtype))
                     present.add(name)
         except (SafetensorError, OSError) as e:
             bad_files.append(f"{f}: corrupt or truncated safetensors file ({e})")
+    for name, g in groups.items():
+        if name in present:
+            duplicate.append(f"{name}: both a full-precision and a quantized copy")
+            continue
+        present.add(name)
+        n = 1
+        for s in expected[name]:
+            n *= s
+        lacking = [p for p in ("weight", "absmax", "quant_map") if p not in g] + \
+            ([] if any(p.startswith("quant_state.") for p in g) else ["quant_state.bitsandbytes__nf4"])
+        if lacking:
+            misshapen.append(f"{name}: quantized weight without its {', '.join(lacking)}")
+        elif g["weight"][2] not in ((-(-n // 2), 1), (-(-n // 2),)):
+            misshapen.append(f"{g['weight'][1]}: {list(g['weight'][2])} packed bytes, expected "
+                             f"[{-(-n // 2)}, 1] for a 4-bit {list(expected[name])}")
+        else:
+            w = g["weight"]
+            entries[name] = _Entry(w[0], w[1], name, None, sum(_nbytes(v[2], v[3]) for v in g.values()),
+                                   parts={p: (v[0], v[1]) for p, v in g.items()})
     missing = [n for n in expected if n not in present]
     problems = []
     for title, items in (("unreadable files", bad_files), ("missing tensors", missing),
@@ -261,8 +304,23 @@ def plan(ckpt: Checkpoint, model: torch.nn.Module) -> list[_Entry]:
     return sorted(entries.values(), key=lambda e: (str(e.file), e.key))
 
 
+def _bnb_part(key: str, dtype: str) -> str | None:
+    """Which part of a bitsandbytes 4-bit group `key` is ("weight" for the packed codes), or None."""
+    for part in quant.BNB_4BIT_PARTS:
+        if key.endswith(".weight." + part):
+            return part
+    return "weight" if key.endswith(".weight") and dtype == "U8" else None
+
+
+def _nbytes(shape: tuple, dtype: str) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _itemsize(dtype)
+
+
 def _itemsize(dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[dtype]
+    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1}[dtype]
 
 
 def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
@@ -285,11 +343,18 @@ def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
 
 def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                progress: bool = True, quantization: str | None = None) -> Mistral3ForConditionalGeneration:
+    prequantized = ckpt.prequantized()
+    if prequantized:
+        if quantization not in (None, prequantized):
+            raise CheckpointError(f"{ckpt.directory} is pre-quantized {prequantized}: load it with "
+                                  f"quantization={prequantized!r} (or none), not {quantization!r}")
+        quantization = prequantized
+        log.info("%s: pre-quantized %s checkpoint (bitsandbytes)", ckpt.directory, prequantized)
     quant.check_quantization(quantization)               # an unknown method or a missing library: fail now
     cfg = ckpt.config()
     with torch.device("meta"):
         skeleton = Mistral3ForConditionalGeneration(cfg)
-    entries = plan(ckpt, skeleton)                       # fails before any weight data is read
+    entries = plan(ckpt, skeleton, prequantized)         # fails before any weight data is read
     expected = {n for n, _ in skeleton.named_parameters()}
     model = materialize(cfg, device, dtype, quantization)
     params = dict(model.named_parameters())
@@ -305,6 +370,11 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
         try:
             with safe_open(f, framework="pt", device="cpu") as st:
                 for e in file_entries:
+                    if e.parts:
+                        _load_prequantized(e, st, quantized.get(e.param), params.get(e.param))
+                        written.add(e.param)
+                        bar.update(e.nbytes)
+                        continue
                     t = st.get_tensor(e.key)
                     if e.transform is not None:
                         t = e.transform(t)
@@ -318,6 +388,8 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{f}: failed while reading tensor data ({err}); the file is corrupt or "
                                   "truncated") from None
+        except ValueError as err:         # a quantized group that bitsandbytes' state does not describe
+            raise CheckpointError(f"{f}: {err}") from None
     bar.close()
     if written != expected:   # cannot happen after plan(); never hand out a half-loaded model
         raise CheckpointError(f"internal: {len(expected - written)} parameters were not loaded")
@@ -325,3 +397,22 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
         log.info("%d decoder linears quantized to %s; weights now take %.2f GiB", len(quantized),
                  quantization, sum(p.nbytes for p in model.parameters()) / 2**30)
     return model
+
+
+def _load_prequantized(e: _Entry, st, module: quant.QuantLinear | None, param: torch.Tensor | None) -> None:
+    """One bitsandbytes 4-bit group: adopted as is by an nf4 linear, or dequantized into a full-precision
+    parameter (a module this engine keeps unquantized, e.g. a vision tower that the checkpoint quantized)."""
+    parts = {}
+    for part, (f, key) in e.parts.items():
+        if f == e.file:
+            parts[part] = st.get_tensor(key)
+        else:                               # a group split over two shards
+            with safe_open(f, framework="pt", device="cpu") as other:
+                parts[part] = other.get_tensor(key)
+    try:
+        if module is not None:
+            module.load_prequantized_(parts)
+        else:
+            param.copy_(quant.dequantize_prequantized(parts, param.shape))
+    except ValueError as err:
+        raise ValueError(f"{e.param}: {err}") from None

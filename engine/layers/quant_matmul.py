@@ -28,6 +28,8 @@ import functools
 
 import torch
 
+from engine.quant import NF4_CODE
+
 try:
     import triton
     import triton.language as tl
@@ -35,10 +37,6 @@ except ImportError:         # no Triton: `available()` is False and engine.quant
     triton = None
 
 MAX_ROWS = 64           # beyond this many tokens a batch is compute-bound: dequantize + cuBLAS wins
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)
 
 
 def available() -> bool:
