@@ -161,7 +161,7 @@ def random_model(cfg, device, dtype, quantization):
 
 
 @torch.inference_mode()
-def decode_speed(model, mode, batch: int, context: int, steps: int, device) -> dict:
+def decode_speed(model, mode, batch: int, context: int, steps: int, device, graphs: bool = False) -> dict:
     from engine.config import EngineConfig
     from engine.forward_context import ForwardContext
     from engine.model_runner import ModelRunner
@@ -170,8 +170,10 @@ def decode_speed(model, mode, batch: int, context: int, steps: int, device) -> d
     kv = MODES[mode][1]
     itemsize = 1 if kv == "fp8" else model_dtype(model).itemsize
     per_block = 2 * t.num_hidden_layers * bs * t.num_key_value_heads * (t.head_dim * itemsize + 4)
+    graphs = graphs and kv != "fp8"          # the fp8 KV store cannot be captured (engine/cuda_graph.py)
     runner = ModelRunner(model, EngineConfig(kv_cache_memory=batch * nb * per_block, block_size=bs,
-                                             kv_cache_dtype=kv), eos_id=2)
+                                             kv_cache_dtype=kv, max_num_seqs=batch, max_model_len=nb * bs,
+                                             cuda_graphs=graphs), eos_id=2)
     assert runner.num_blocks >= batch * nb
     tables = torch.arange(batch * nb, dtype=torch.int32, device=device).view(batch, nb)
     gen = torch.Generator().manual_seed(0)
@@ -187,7 +189,10 @@ def decode_speed(model, mode, batch: int, context: int, steps: int, device) -> d
                              slot_mapping=slots, block_tables=tables[rows], kv_caches=runner.kv_caches,
                              query_lens_cpu=[qlen] * n, seq_lens_cpu=[start + qlen] * n)
         ids = torch.randint(1000, t.vocab_size, (n * qlen,), generator=gen).to(device)
-        h = model(ids, p.repeat(n), ctx)
+        if qlen == 1 and runner.graphs is not None:
+            h = runner.graphs.run(ids, p.repeat(n), slots, ctx.seq_lens, ctx.block_tables)
+        else:
+            h = model(ids, p.repeat(n), ctx)
         return model.compute_logits(h[qlen - 1::qlen]).argmax(-1)
 
     for s in range(0, context, 2048):                      # prefill the context, one sequence at a time
@@ -201,7 +206,8 @@ def decode_speed(model, mode, batch: int, context: int, steps: int, device) -> d
         step(context + 3 + i, 1, list(range(batch))).cpu()   # a host copy per step, as the engine does
     sync(device)
     wall = time.perf_counter() - start
-    return {"batch": batch, "context": context, "steps": steps, "ms_per_step": 1000 * wall / steps,
+    return {"batch": batch, "context": context, "steps": steps, "cuda_graphs": graphs,
+            "ms_per_step": 1000 * wall / steps,
             "tokens_per_s": batch * steps / wall}
 
 
@@ -214,7 +220,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def speed(cfg, modes, device, dtype, batches, context, steps) -> dict:
+def speed(cfg, modes, device, dtype, batches, context, steps, graphs=False) -> dict:
     out = {}
     for mode in modes:
         if torch.device(device).type == "cuda":
@@ -225,7 +231,7 @@ def speed(cfg, modes, device, dtype, batches, context, steps) -> dict:
         rec = {"weights_bytes": sum(p.nbytes for p in model.parameters())}
         if torch.device(device).type == "cuda":
             rec["load_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        rec["runs"] = [decode_speed(model, mode, b, context, steps, device) for b in batches]
+        rec["runs"] = [decode_speed(model, mode, b, context, steps, device, graphs) for b in batches]
         out[mode] = rec
         del model
         gc.collect()
@@ -253,6 +259,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--cuda-graphs", action="store_true", help="decode steps replay CUDA graphs (not fp8 KV)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -288,7 +295,7 @@ def main(argv=None) -> None:
                             "greedy prefix", "weights MiB"], rows, "{:.4f}"))
     if args.speed or (args.speed is None and device.type == "cuda"):
         sp = speed(cfg, modes, device, dtype, [int(b) for b in args.batch_sizes.split(",")], args.context,
-                   args.steps)
+                   args.steps, args.cuda_graphs)
         result["figures"]["speed"] = sp
         print(format_table(["mode", "batch", "context", "ms/step", "tok/s", "vs ref"],
                            [[m, r["batch"], r["context"], r["ms_per_step"], r["tokens_per_s"],

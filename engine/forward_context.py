@@ -26,6 +26,9 @@ class ForwardContext:
     # Host copies of the lengths, so the reference (pure PyTorch) attention can slice without a device sync.
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # An upper bound on seq_lens that does not change between steps (the context window), set by CUDA
+    # graphs: decode attention then sizes its work from it instead of this step's lengths.
+    max_seq_len: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graph import DecodeGraphs
 from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask, fill_bitmask
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
@@ -24,6 +25,7 @@ from engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 2 * 2**30
+GRAPH_MAX_BATCH = 128       # decode batches up to this size replay a CUDA graph; larger ones run eagerly
 
 
 class ModelRunner:
@@ -47,18 +49,34 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (one block needs {self.block_bytes} bytes); "
                                "lower max_num_batched_tokens or raise gpu_memory_utilization / kv_cache_memory")
-        # [layers, 2, blocks, block_size, kv_heads, head_dim]; each layer gets (k, v) views of it
-        self.kv_cache = torch.empty((t.num_hidden_layers, 2, self.num_blocks, config.block_size,
+        # [layers, 2, blocks, block_size, kv_heads, head_dim]; each layer gets (k, v) views of it. With CUDA
+        # graphs one more block beyond the budget takes the writes of padding rows (never given to requests).
+        physical = self.num_blocks + (1 if config.cuda_graphs else 0)
+        self.kv_cache = torch.empty((t.num_hidden_layers, 2, physical, config.block_size,
                                      t.num_key_value_heads, t.head_dim), dtype=self.kv_dtype,
                                     device=self.device)
         if config.kv_cache_dtype == "fp8":
             # [layers, 2, blocks, kv_heads]: each layer gets (k, v, k_scale, v_scale); see store_kv
-            self.kv_scales = torch.zeros((t.num_hidden_layers, 2, self.num_blocks, t.num_key_value_heads),
+            self.kv_scales = torch.zeros((t.num_hidden_layers, 2, physical, t.num_key_value_heads),
                                          dtype=torch.float32, device=self.device)
             self.kv_caches = [(kv[0], kv[1], sc[0], sc[1]) for kv, sc in zip(self.kv_cache, self.kv_scales)]
         else:
             self.kv_scales = None
             self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.graphs = None
+        if config.cuda_graphs:
+            self.graphs = self._make_graphs(capture=self.device.type == "cuda")
+
+    def _make_graphs(self, capture: bool) -> DecodeGraphs:
+        if not capture:
+            log.warning("CUDA graphs need a CUDA device: decode steps run eagerly through the graph buffers")
+        start = time.perf_counter()
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.config.block_size, self.num_blocks,
+                              self.config.max_model_len, min(self.config.max_num_seqs, GRAPH_MAX_BATCH), capture)
+        if capture:
+            log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", graphs.sizes,
+                     time.perf_counter() - start)
+        return graphs
 
     @property
     def capacity_tokens(self) -> int:
@@ -127,7 +145,10 @@ class ModelRunner:
             query_lens_cpu=qlens, seq_lens_cpu=slens)
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
-        hidden = self.model(input_ids, pos, ctx, torch.cat(embeds) if embeds else None)
+        if self.graphs is not None and not embeds and len(ids) == len(qlens) and self.graphs.fits(len(ids)):
+            hidden = self.graphs.run(input_ids, pos, ctx.slot_mapping, ctx.seq_lens, ctx.block_tables)
+        else:
+            hidden = self.model(input_ids, pos, ctx, torch.cat(embeds) if embeds else None)
 
         samplers = [k for k, s in enumerate(sched.scheduled) if s.samples]
         if not samplers:

@@ -51,6 +51,8 @@ def _engine_kwargs(args) -> dict:
         kw["quantization"] = args.quantization
     if args.kv_cache_dtype != "auto":
         kw["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.cuda_graphs:
+        kw["cuda_graphs"] = True
     return kw
 
 
@@ -186,6 +188,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="fp8: a float8_e4m3fn KV cache with per-block scales, twice the tokens (default: the "
                         "model dtype)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as CUDA graphs (batches up to 128; not with --kv-cache-dtype fp8). "
+                        "Off by default until measured on a GPU")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

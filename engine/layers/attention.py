@@ -87,12 +87,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: For
         k_scale, v_scale = scales or (None, None)
         store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
     qlens = ctx.query_lens_cpu or (ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]).tolist()
-    slens = ctx.seq_lens_cpu or ctx.seq_lens.tolist()
     if ctx.kv_caches is not None and len(qlens) == q.shape[0]:      # every sequence brings one token
+        max_len = ctx.max_seq_len or max(ctx.seq_lens_cpu or ctx.seq_lens.tolist())
         if use_triton_decode(q, k_scale is not None):
             return paged_attention.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
-                                                    max(slens), scale, k_scale, v_scale)
-        return _decode_attention(q, k_cache, v_cache, ctx, max(slens), k_scale, v_scale, scale)
+                                                    max_len, scale, k_scale, v_scale)
+        return _decode_attention(q, k_cache, v_cache, ctx, max_len, k_scale, v_scale, scale)
+    slens = ctx.seq_lens_cpu or ctx.seq_lens.tolist()
     out = torch.empty_like(q)
     start = 0
     for i, (ql, sl) in enumerate(zip(qlens, slens)):
