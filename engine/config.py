@@ -286,6 +286,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be nf4, int8, fp8 or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.cuda_graphs and self.quantization == "int8":
+            raise ValueError("cuda_graphs does not support quantization='int8': LLM.int8() picks outlier "
+                             "columns per batch (data-dependent shapes), which a graph cannot replay")
         if self.cuda_graphs and self.kv_cache_dtype == "fp8":
             raise ValueError("cuda_graphs does not support kv_cache_dtype='fp8' yet: its store re-quantizes "
                              "blocks with data-dependent shapes, which a graph cannot replay")

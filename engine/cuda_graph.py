@@ -9,8 +9,10 @@ What must hold for a step to be replayable, and how it is kept:
   `max_seq_len` (the context window), not from the step's lengths, and reads only positions < seq_len.
 - A batch is padded to the next captured size. Padding rows write their K/V to the pool's scratch block
   (never handed to requests), have length 1 and are dropped from the output.
-Not captured: steps with prefill tokens or images, and the fp8 KV cache's store (its per-block
-re-quantization has data-dependent shapes). Those run eagerly, like everything when graphs are off.
+Not captured: steps with prefill tokens or images, and batches above the largest size (64 with nf4, whose
+larger batches go through bitsandbytes; 128 otherwise): those run eagerly, like everything when graphs
+are off. Refused outright (EngineConfig): the fp8 KV cache, whose store re-quantizes blocks with
+data-dependent shapes, and int8 weights, whose LLM.int8() picks outlier columns per batch.
 
 `capture=False` keeps the static buffers and padding but runs the forward eagerly: how the CPU tests check
 everything here except the capture itself.

@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask, fill_bitmask
+from engine.layers.quant_matmul import MAX_ROWS
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 from engine.quant import FP8
 from engine.request import Request
@@ -71,8 +72,11 @@ class ModelRunner:
         if not capture:
             log.warning("CUDA graphs need a CUDA device: decode steps run eagerly through the graph buffers")
         start = time.perf_counter()
+        # nf4 batches above the Triton kernel's 64 rows go through bitsandbytes, which is not known to be
+        # capturable: those batches stay eager
+        limit = MAX_ROWS if self.config.quantization == "nf4" else GRAPH_MAX_BATCH
         graphs = DecodeGraphs(self.model, self.kv_caches, self.config.block_size, self.num_blocks,
-                              self.config.max_model_len, min(self.config.max_num_seqs, GRAPH_MAX_BATCH), capture)
+                              self.config.max_model_len, min(self.config.max_num_seqs, limit), capture)
         if capture:
             log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", graphs.sizes,
                      time.perf_counter() - start)

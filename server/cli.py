@@ -189,7 +189,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="fp8: a float8_e4m3fn KV cache with per-block scales, twice the tokens (default: the "
                         "model dtype)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps as CUDA graphs (batches up to 128; not with --kv-cache-dtype fp8). "
+                   help="replay decode steps as CUDA graphs (batches up to 128, 64 with nf4; not with int8 or "
+                        "--kv-cache-dtype fp8). "
                         "Off by default until measured on a GPU")
 
 

@@ -17,9 +17,11 @@ def test_batch_sizes():
     assert batch_sizes(128)[-3:] == [112, 120, 128]
 
 
-def test_fp8_kv_is_refused():
+def test_uncapturable_configurations_are_refused():
     with pytest.raises(ValueError, match="cuda_graphs does not support kv_cache_dtype='fp8'"):
         EngineConfig(cuda_graphs=True, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="cuda_graphs does not support quantization='int8'"):
+        EngineConfig(cuda_graphs=True, quantization="int8")
 
 
 def make(tiny_dir, **kw):
