@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers import quant_matmul
+from engine.layers.quant_matmul import NF4_CODE  # noqa: F401  (bitsandbytes' NF4 code book, re-exported)
+
 QUANTIZATIONS = ("nf4", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)     # bitsandbytes' NF4 code book (QLoRA), also the Triton kernel's table
 FP8_MAX = 448.0                 # largest finite float8_e4m3fn; values beyond it would become NaN
 CHUNK_ELEMENTS = 1 << 20        # full-precision elements quantized at once: 4 MiB in float32
 _LINEAR = re.compile(r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
@@ -93,7 +92,6 @@ def default_kernel(device) -> str:
 
 @functools.cache
 def _triton_available() -> bool:
-    from engine.layers import quant_matmul
     if not quant_matmul.available():     # said once, not once per linear
         log.warning("Triton is not installed: quantized decode uses the library kernels (slower)")
     return quant_matmul.available()
@@ -112,9 +110,8 @@ def _decode_rows(module, x: torch.Tensor) -> torch.Tensor | None:
     """x as [rows, K] when the Triton decode kernel should take it, else None."""
     if module.kernel != "triton":
         return None
-    from engine.layers.quant_matmul import MAX_ROWS
     x2 = x.reshape(-1, module.in_features)
-    return x2 if x2.shape[0] <= MAX_ROWS else None
+    return x2 if x2.shape[0] <= quant_matmul.MAX_ROWS else None
 
 
 BNB_4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
@@ -259,8 +256,7 @@ class NF4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _decode_rows(self, x)
         if x2 is not None:
-            from engine.layers.quant_matmul import nf4_matmul
-            y = nf4_matmul(x2, self.weight, self.absmax, self.quant_state.state2.code, self.absmax2, self.offset,
+            y = quant_matmul.nf4_matmul(x2, self.weight, self.absmax, self.quant_state.state2.code, self.absmax2, self.offset,
                            self.out_features, self.in_features, self.blocksize)
             return y.view(*x.shape[:-1], self.out_features)
         # bitsandbytes: one row takes its gemv kernel; more dequantize to the model dtype, then matmul
@@ -332,8 +328,7 @@ class FP8Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _decode_rows(self, x)
         if x2 is not None:      # decode: weight-only (W8A16), bandwidth-bound; no activation quantization
-            from engine.layers.quant_matmul import fp8_matmul
-            return fp8_matmul(x2, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
+            return quant_matmul.fp8_matmul(x2, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
         if self.use_scaled_mm:
             return fp8_scaled_mm(x.reshape(-1, self.in_features), self.weight, self.scale
                                  ).view(*x.shape[:-1], self.out_features)

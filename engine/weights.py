@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -276,9 +277,7 @@ def plan(ckpt: Checkpoint, model: torch.nn.Module, prequantized: str | None = No
             duplicate.append(f"{name}: both a full-precision and a quantized copy")
             continue
         present.add(name)
-        n = 1
-        for s in expected[name]:
-            n *= s
+        n = math.prod(expected[name])
         lacking = [p for p in ("weight", "absmax", "quant_map") if p not in g] + \
             ([] if any(p.startswith("quant_state.") for p in g) else ["quant_state.bitsandbytes__nf4"])
         if lacking:
@@ -313,10 +312,7 @@ def _bnb_part(key: str, dtype: str) -> str | None:
 
 
 def _nbytes(shape: tuple, dtype: str) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * _itemsize(dtype)
+    return math.prod(shape) * _itemsize(dtype)
 
 
 def _itemsize(dtype: str) -> int:

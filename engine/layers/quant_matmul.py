@@ -14,9 +14,10 @@ kernel runs:
 One program computes a BLOCK_M × BLOCK_N tile of y over a slice of K (split-K when N alone gives too few
 programs to fill the GPU); slices land in a float32 [split, M, N] buffer summed afterwards, so the result
 does not depend on scheduling (no atomics). Several tokens use tensor-core dots (rows padded to 16); a
-single token (single-stream decode) multiplies and reduces in float32 instead. The nf4 tile walks K one quantization block at a time, so each
-block's scale multiplies a partial product once instead of every weight; even and odd K columns are two
-dots against the high and low nibbles, so nothing is interleaved in registers.
+single token (single-stream decode) multiplies and reduces in float32 instead. The nf4 tile walks K one
+quantization block at a time, so each block's scale multiplies a partial product once instead of every
+weight; even and odd K columns are two dots against the high and low nibbles, so nothing is interleaved
+in registers.
 
 With TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on CPU tensors: the
 tests use that to check them against the reference dequantization.
@@ -28,8 +29,6 @@ import functools
 
 import torch
 
-from engine.quant import NF4_CODE
-
 try:
     import triton
     import triton.language as tl
@@ -37,6 +36,11 @@ except ImportError:         # no Triton: `available()` is False and engine.quant
     triton = None
 
 MAX_ROWS = 64           # beyond this many tokens a batch is compute-bound: dequantize + cuBLAS wins
+# bitsandbytes' NF4 code book (QLoRA): the 16 values a 4-bit code stands for, times its block's absmax
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
 
 
 def available() -> bool:
