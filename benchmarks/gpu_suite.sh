@@ -41,6 +41,8 @@ case "${1:-}" in
     python3 -m engine.tiny_checkpoint /tmp/full --preset full --format hf --device cuda 2>&1 | tail -2
     python3 benchmarks/bench_offline.py --model /tmp/full --device cuda --num-requests 16 --out "$OUT" \
       2>&1 | tee "$OUT/offline.log"
+    python3 benchmarks/bench_offline.py --model /tmp/full --device cuda --num-requests 16 --out "$OUT" \
+      --paths ours-batched ours-single --cuda-graphs 2>&1 | tee "$OUT/offline-graphs.log"
     ;;
   *)
     echo "usage: $0 tests|quant|quant-graphs|offline" >&2

@@ -14,8 +14,9 @@ larger batches go through bitsandbytes; 128 otherwise): those run eagerly, like 
 are off. Refused outright (EngineConfig): the fp8 KV cache, whose store re-quantizes blocks with
 data-dependent shapes, and int8 weights, whose LLM.int8() picks outlier columns per batch.
 
-`capture=False` keeps the static buffers and padding but runs the forward eagerly: how the CPU tests check
-everything here except the capture itself.
+`capture=False` keeps the static buffers and padding but runs the forward eagerly, attention sized from the
+step's lengths: how the CPU tests check everything here except the capture itself (max_seq_len has its own
+test in test_cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ class DecodeGraphs:
             self._capture_all()
 
     def _ctx(self, b: int) -> ForwardContext:
-        return ForwardContext(cu_seqlens_q=self.cu[:b + 1], seq_lens=self.seq_lens[:b], slot_mapping=self.slots[:b],
-                              block_tables=self.tables[:b], kv_caches=self.kv_caches, query_lens_cpu=[1] * b,
-                              max_seq_len=self.max_model_len)
+        # Captured: attention sized from the context window. Eager (CPU): from this step's lengths, which
+        # cost nothing to read there, where the reference attention would gather the whole window.
+        return ForwardContext(cu_seqlens_q=self.cu[:b + 1], seq_lens=self.seq_lens[:b],
+                              slot_mapping=self.slots[:b], block_tables=self.tables[:b], kv_caches=self.kv_caches,
+                              query_lens_cpu=[1] * b, max_seq_len=self.max_model_len if self.capture else None)
 
     def _forward(self, b: int) -> torch.Tensor:
         return self.model(self.ids[:b], self.positions[:b], self._ctx(b))

@@ -65,3 +65,33 @@ def test_captured_graphs_equal_eager_on_gpu(tiny_dir, dtype):
         assert (llm.engine.runner.graphs is not None) == graphs
         outs[graphs] = [o.token_ids for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]
+
+
+def test_decode_attention_sized_from_the_window_equals_exact_sizing():
+    """What a captured graph relies on: decode attention given only an upper bound (`max_seq_len`, the
+    context window) instead of this step's lengths gives the same result, stale rows past each length
+    (NaN here) and all."""
+    from engine.forward_context import ForwardContext
+    from engine.layers.attention import causal_attention
+    g = torch.Generator().manual_seed(0)
+    blocks, bs, kvh, d, heads, lens = 24, 16, 2, 16, 8, [5, 40, 17]
+    k_cache = torch.full((blocks, bs, kvh, d), float("nan"))
+    v_cache = k_cache.clone()
+    tables = torch.tensor([[3, 0, 0, 0], [7, 1, 9, 2], [4, 11, 0, 0]], dtype=torch.int32)
+    for i, n in enumerate(lens):
+        slots = torch.tensor([int(tables[i, j // bs]) * bs + j % bs for j in range(n - 1)], dtype=torch.long)
+        if len(slots):
+            k_cache.view(-1, kvh, d)[slots] = torch.randn(len(slots), kvh, d, generator=g)
+            v_cache.view(-1, kvh, d)[slots] = torch.randn(len(slots), kvh, d, generator=g)
+    q, k, v = (torch.randn(3, h, d, generator=g) for h in (heads, kvh, kvh))
+    outs = []
+    for max_seq_len in (None, 64):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        slot_mapping = torch.tensor([int(tables[i, (n - 1) // bs]) * bs + (n - 1) % bs for i, n in enumerate(lens)])
+        ctx = ForwardContext(cu_seqlens_q=torch.arange(4, dtype=torch.int32),
+                             seq_lens=torch.tensor(lens, dtype=torch.int32), slot_mapping=slot_mapping,
+                             block_tables=tables, kv_caches=[(kc, vc)], query_lens_cpu=[1, 1, 1],
+                             seq_lens_cpu=list(lens), max_seq_len=max_seq_len)
+        outs.append(causal_attention(q, k, v, ctx, 0, d ** -0.5))
+    assert not outs[0].isnan().any()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
