@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers import quant_matmul
-from engine.layers.quant_matmul import NF4_CODE  # noqa: F401  (bitsandbytes' NF4 code book, re-exported)
 
 QUANTIZATIONS = ("nf4", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -232,7 +231,7 @@ class NF4Linear(QuantLinear):
             raise ValueError(f"quantized shape {list(st.shape)}, expected {list(shape)}")
         if self.in_features % st.blocksize:
             raise ValueError(f"blocks of {st.blocksize} straddle rows of {self.in_features} weights: unsupported")
-        if not torch.allclose(st.code.float().cpu(), torch.tensor(NF4_CODE)):
+        if not torch.allclose(st.code.float().cpu(), torch.tensor(quant_matmul.NF4_CODE)):
             raise ValueError("quant_map is not the NF4 code book")
         if st.blocksize != self.blocksize:          # storage was sized for our own block size
             self.blocksize, self.num_blocks = st.blocksize, self.in_features * self.out_features // st.blocksize
