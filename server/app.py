@@ -22,9 +22,10 @@ from server import openai_api, workers
 from server.errors import AUTH, BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, render
 from server.generation import ServerSettings, ServerState
 from server.metrics import Metrics
+from server.version import version_info
 
 log = logging.getLogger(__name__)
-OPEN_PATHS = ("/health", "/metrics", "/static/", "/playground")
+OPEN_PATHS = ("/health", "/metrics", "/version", "/static/", "/playground")
 API_KEY_ENV = "MISTRAL_SMALL_API_KEY"
 
 
@@ -95,6 +96,12 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
         if state.engine.is_dead:
             return JSONResponse({"status": "dead", "error": repr(state.engine.error)}, status_code=503)
         return {"status": "ok", "model": settings.model_names[0], "demo": settings.demo}
+
+    running = version_info()        # probed here, once, not on the event loop
+
+    @app.get("/version")
+    async def version():
+        return running
 
     @app.get("/metrics")
     async def metrics():
