@@ -63,7 +63,7 @@ def download(repo: str | None = None, fmt: str = "hf", revision: str | None = No
                                       endpoint=endpoint))
     except DownloadError:
         raise
-    except Exception as e:    # noqa: BLE001 - every hub/network failure becomes one message, never a traceback
+    except Exception as e:    # every hub/network failure becomes one message, never a traceback
         raise DownloadError(_explain(repo, e, endpoint or constants.ENDPOINT)) from e
     use = "" if repo == DEFAULT_MODEL else f" --model {repo}"
     if fmt == "mistral" and use:

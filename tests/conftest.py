@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
 from engine.tiny_checkpoint import TINY, write_checkpoint
 from engine.tokenizer import write_tekken_v7
 
+# tools.py's report hook: under CI=true a test skipped for a missing tool fails
+pytest_plugins = ["tools"]
+
 
 @pytest.fixture(scope="session")
 def tekken_path(tmp_path_factory) -> Path:

@@ -19,6 +19,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -39,7 +40,7 @@ class StandInHub:
     def from_dir(cls, repo: str, directory: Path) -> StandInHub:
         return cls(repo, {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()})
 
-    def __enter__(self) -> StandInHub:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

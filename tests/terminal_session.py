@@ -27,7 +27,8 @@ class TerminalSession:
         self.master = master
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
                                      start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     # the terminal becomes the child's controlling tty (Ctrl-C -> SIGINT)
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
         os.close(slave)
         self.log = ""            # everything the terminal showed, \r\n as written
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

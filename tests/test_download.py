@@ -18,7 +18,7 @@ def _cli(args, hub, home, **env):
     base = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE")}
     env = {**base, "HF_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", **env}
     return subprocess.run([sys.executable, "-m", "server", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_download_resumes_a_dropped_connection_into_the_cache_serve_reads(tiny_dir, tmp_path):
@@ -43,7 +43,7 @@ def test_download_resumes_a_dropped_connection_into_the_cache_serve_reads(tiny_d
         # without --model, serve/run/chat take the real model from the cache (no demo), offline too
         find = subprocess.run([sys.executable, "-c", "from server.cli import default_model; print(default_model())"],
                               env={**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, check=False)
         assert find.stdout.strip() == repr((snapshot, False)), find.stderr
 
 
