@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:            # Ctrl-C while loading (answers handle their own): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ CTRL_D = "\x04"
 
 
 class TerminalSession:
-    def __init__(self, argv: list[str], env: dict | None = None, timeout: float = 120):
+    def __init__(self, argv: list[str], env: dict | None = None, timeout: float = 300):
         self.timeout = timeout
         master, slave = pty.openpty()
         self.master = master

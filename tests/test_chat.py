@@ -1,6 +1,6 @@
-"""`mistral-small chat` at a real (pseudo-)terminal, against the tiny random checkpoint: commands never reach
-the model, /image confirms, typed-ahead text stays out of the answer, Ctrl-C stops an answer and keeps the
-conversation, Ctrl-C twice at the prompt quits cleanly."""
+"""`mistral-small chat` (and `run`) at a real (pseudo-)terminal, against the tiny random checkpoint: commands
+never reach the model, /image confirms, typed-ahead text stays out of the answer, Ctrl-C stops an answer and
+keeps the conversation, Ctrl-C twice at the prompt quits cleanly."""
 
 import os
 import re
@@ -33,7 +33,7 @@ def chat(tiny_dir):
 
 
 def test_commands_images_and_typed_ahead_input(chat, tmp_path):
-    t = chat(600)
+    t = chat(200)
     t.send("/help\r")
     t.expect(r"/image PATH .*\r\n.*/reset.*\r\n.*/help.*\r\n.*/exit.*\r\n.*\r\nyou> ")
     t.send("/frobnicate now\r")
@@ -82,3 +82,17 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(chat):
     t.expect("you> ")
     t.send("/exit\r")
     assert t.wait() == 0 and "Traceback" not in t.log
+
+
+def test_run_stops_at_ctrl_c_with_the_words_so_far(tiny_dir):
+    t = TerminalSession([sys.executable, "-m", "server", "run", "Hello", "--model", str(tiny_dir), "--temperature",
+                         "0", "--max-tokens", "20000", "--kv-cache-gib", "0.25"], env=dict(os.environ))
+    try:
+        t.expect(r"vocabulary to first \d+ tokens\.\r\n")   # mistral-common's last line while loading
+        t.expect(r"[\s\S]{40}")                   # then the answer streams
+        t.send(CTRL_C)
+        said = int(t.expect(r"\[\d+ prompt \+ (\d+) completion tokens, finish: cancelled\]").group(1))
+        assert 0 < said < 20_000
+        assert t.wait() == 130 and "Traceback" not in t.log
+    finally:
+        t.close()
