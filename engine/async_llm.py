@@ -2,8 +2,8 @@
 
 The engine loop owns LLMEngine and runs on its own thread; callers never block it. They talk to it through
 a command queue (add, abort) that the loop drains before every step, and receive outputs on per-request
-asyncio queues filled with `call_soon_threadsafe`. Tokenization and image decoding run in the caller's
-worker thread, never on the engine thread.
+asyncio queues filled with `call_soon_threadsafe`. Preparing a request (tokenization, image decoding and
+hashing, the grammar matcher) runs in a worker thread, never on the engine thread or the event loop.
 """
 
 from __future__ import annotations
@@ -48,12 +48,16 @@ class AsyncLLM:
         is queued (PromptError, ImageError, ContextWindowError, ValueError, EngineDeadError)."""
         if self.error is not None:
             raise EngineDeadError(f"the engine loop died: {self.error!r}")
-        enc = await asyncio.to_thread(self.engine.encode, prompt, raw, tools)
-        req = self.engine.make_request(enc, params, request_id or uuid.uuid4().hex)
+        # tokenizing, decoding and hashing images, creating the grammar matcher: a worker thread's job, never
+        # the event loop's
+        req = await asyncio.to_thread(self._prepare, prompt, params, request_id or uuid.uuid4().hex, raw, tools)
         stream = RequestStream(self, req.request_id, len(req.prompt_token_ids))
         self._sinks[req.request_id] = (asyncio.get_running_loop(), stream.queue)
         self._command(("add", req))
         return stream
+
+    def _prepare(self, prompt, params, request_id, raw, tools):
+        return self.engine.make_request(self.engine.encode(prompt, raw, tools), params, request_id)
 
     async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                      raw: bool = False, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:

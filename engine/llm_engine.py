@@ -168,6 +168,13 @@ class LLMEngine:
                 self._grammars = GrammarCompiler(self.tokenizer)
             return self._grammars
 
+    def warm_grammars(self) -> threading.Thread:
+        """Build the grammar compiler in the background now, so that the first constrained request does not
+        wait for it."""
+        thread = threading.Thread(target=lambda: self.grammars, name="grammar-warmup", daemon=True)
+        thread.start()
+        return thread
+
     def submit(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
