@@ -49,15 +49,34 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """Image geometry: every image is cut into patch_size² patches, merged spatial_merge_size² into one [IMG]
+    token, after resizing to at most max_image_size a side. The model's own values (ModelConfig.image) are
+    the only source; the defaults below are Mistral Small 3.1's."""
+    patch_size: int = VisionConfig.patch_size
+    max_image_size: int = VisionConfig.image_size
+    spatial_merge_size: int = 2
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per [IMG] token side (28)."""
+        return self.patch_size * self.spatial_merge_size
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
-    spatial_merge_size: int = 2
+    spatial_merge_size: int = ImageConfig.spatial_merge_size
     image_token_id: int = 10
     image_break_token_id: int = 12
     image_end_token_id: int = 13
     bos_token_id: int = 1
     eos_token_id: int = 2
+
+    @property
+    def image(self) -> ImageConfig:
+        return ImageConfig(self.vision.patch_size, self.vision.image_size, self.spatial_merge_size)
 
     # ---- HF config.json ------------------------------------------------------------------------------
     @classmethod
@@ -217,14 +236,20 @@ class ModelConfig:
         return self
 
 
-def load_config(path: Path) -> ModelConfig:
-    """Read config.json (HF) or params.json (native) at `path`."""
+def read_config(path: Path) -> dict:
+    """The raw JSON object of config.json / params.json."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read model config ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    return raw
+
+
+def load_config(path: Path, raw: dict | None = None) -> ModelConfig:
+    """Read config.json (HF) or params.json (native) at `path` (or parse its already-read `raw` object)."""
+    raw = read_config(path) if raw is None else raw
     try:
         return ModelConfig.from_native_dict(raw) if Path(path).name == "params.json" \
             else ModelConfig.from_hf_dict(raw)

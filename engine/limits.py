@@ -31,10 +31,10 @@ class Range:
         return f">= {_num(self.lo)}" if self.lo is not None else f"<= {_num(self.hi)}"
 
     def span(self) -> str:
-        """For help texts: '0-5', '>= 1'."""
+        """For help texts: '0-5', '>=1'."""
         if self.lo is not None and self.hi is not None:
             return f"{_num(self.lo)}-{_num(self.hi)}"
-        return self.describe()
+        return f">={_num(self.lo)}" if self.lo is not None else f"<={_num(self.hi)}"
 
 
 def _num(v: float) -> str:

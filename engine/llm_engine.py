@@ -195,7 +195,7 @@ class LLMEngine:
         out = []
         for pixels, s, e in zip(enc.images, starts, ends):
             positions = s + np.flatnonzero(ids[s:e] == img_id)
-            m = 28  # patch 14 × merge 2 pixels per [IMG] token side
+            m = self.model_config.image.token_pixels
             if len(positions) != (pixels.shape[1] // m) * (pixels.shape[2] // m):
                 raise ValueError("image placeholder count does not match the image size")
             out.append(ImageInput(pixels, image_hash(pixels), int(s), int(e), positions))

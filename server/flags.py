@@ -20,9 +20,7 @@ def _default(f: dataclasses.Field):
 
 
 def _show(value) -> str:
-    if isinstance(value, tuple):
-        return " ".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -34,12 +32,14 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
         default = _default(f)
         names = [meta.pop("flag") or "--" + f.name.replace("_", "-"), *meta.pop("aliases", ())]
         meta.pop("convert", None)
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": f"{meta.pop('help')} (default: {_show(default)})", **meta}
+        shown = "" if default in (None, ()) else f" (default: {_show(default)})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.pop("help") + shown, **meta}
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
-        elif "type" not in kw and default is not None and not isinstance(default, tuple):
-            kw["type"] = type(default)
+        else:
+            kw.setdefault("metavar", names[0].lstrip("-").upper().replace("-", "_"))
+            if "type" not in kw and default is not None and not isinstance(default, tuple):
+                kw["type"] = type(default)
         parser.add_argument(*names, **kw)
 
 

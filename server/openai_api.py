@@ -88,9 +88,9 @@ async def models(request: Request):
 for _prefix in PREFIXES:
     router.add_api_route(_prefix + "/chat/completions", chat_completions, methods=["POST"],
                          **openapi.route("OpenAI: chat completion", ChatCompletionRequest,
-                                         openapi.chat_responses()))
+                                         openapi.chat_responses(), _prefix))
     router.add_api_route(_prefix + "/completions", completions, methods=["POST"],
                          **openapi.route("OpenAI: text completion", CompletionRequest,
-                                         openapi.completion_responses()))
+                                         openapi.completion_responses(), _prefix))
     router.add_api_route(_prefix + "/models", models, methods=["GET"],
-                         **openapi.route("OpenAI: the served models", None, openapi.models_responses()))
+                         **openapi.route("OpenAI: the served models", None, openapi.models_responses(), _prefix))

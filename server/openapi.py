@@ -142,7 +142,7 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "Server-sent events ('stream': true)"}}}
+_SSE = {"text/event-stream": {"schema": {"description": "Server-sent events ('stream': true): `data: {json}` frames"}}}
 
 
 def _errors(model: type[BaseModel], statuses: dict[int, str]) -> dict:
@@ -171,14 +171,21 @@ def models_responses() -> dict:
             **_errors(OpenAIError, {401: _COMMON[401], 403: _COMMON[403], 500: _COMMON[500]})}
 
 
-def route(summary: str, body: type[BaseModel] | None, responses: dict) -> dict:
-    """Keyword arguments for a route: its summary, responses and (for the spec only) its request body."""
+def route(summary: str, body: type[BaseModel] | None, responses: dict, path: str = "") -> dict:
+    """Keyword arguments for a route: its summary, responses and (for the spec only) its request body and the
+    path parameters its handler does not take (`{account_id}` of the Cloudflare-style prefix)."""
     kw: dict[str, Any] = {"summary": summary, "responses": responses}
+    extra: dict[str, Any] = {}
     if body is not None:
         name = body.model_config.get("title") or body.__name__
         _BODY_MODELS[name] = body
-        kw["openapi_extra"] = {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+        extra["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+    if "{account_id}" in path:
+        extra["parameters"] = [{"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"},
+                                "description": "Any account id: a local server has one account"}]
+    if extra:
+        kw["openapi_extra"] = extra
     return kw
 
 
