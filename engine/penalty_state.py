@@ -57,9 +57,10 @@ class PenaltyState:
                 self.counts.index_select(0, rows) if counts else None)
 
     def update(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Record one sampled token per row (rows distinct): device ops only, no host sync."""
+        """Record one sampled token per row: device ops only, no host sync. The rows are distinct, so each
+        (row, token) cell is written once and a plain gather + put counts exactly (no accumulating scatter)."""
         self.seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
-        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        self.counts.index_put_((rows, tokens), self.counts[rows, tokens] + 1)
 
     def _grow(self) -> None:
         n = self.seen.shape[0]
