@@ -1,4 +1,5 @@
-"""Turns a scheduler step into tensors, runs the vision encoder and the decoder, samples.
+"""Runs a scheduler step: inputs from the persistent InputBatch (engine/input_batch.py), the vision encoder,
+the decoder, the sampler.
 
 Owns the model, the KV pool (one tensor, allocated once and never reallocated while serving) and the
 sampler. Images are encoded once, on the step that first reaches their placeholders; their embeddings stay
@@ -17,10 +18,10 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask, fill_bitmask
+from engine.input_batch import InputBatch
 from engine.layers.quant_matmul import MAX_ROWS
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 from engine.quant import FP8
-from engine.input_batch import InputBatch
 from engine.request import Request
 from engine.sampler import SampledTokens, Sampler
 from engine.scheduler import SchedulerOutput
