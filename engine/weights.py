@@ -25,6 +25,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from engine import quant
-from engine.config import ModelConfig, load_config
+from engine.config import ModelConfig, load_config, read_config
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,24 @@ class Checkpoint:
     config_path: Path
     files: tuple[Path, ...]     # safetensors files to read
 
+    @cached_property
+    def raw_config(self) -> dict:
+        """config.json / params.json, read once (frozen: the checkpoint's files do not change under it)."""
+        return read_config(self.config_path)
+
+    @cached_property
+    def _config(self) -> ModelConfig:
+        return load_config(self.config_path, self.raw_config)
+
     def config(self) -> ModelConfig:
-        return load_config(self.config_path)
+        return self._config
 
     def prequantized(self) -> str | None:
         """"nf4" for a bitsandbytes 4-bit checkpoint (config.json's quantization_config, as transformers
         writes it), None for full-precision weights. Other pre-quantized formats are refused by name."""
         if self.format != "hf":
             return None
-        qc = json.loads(self.config_path.read_text()).get("quantization_config")
+        qc = self.raw_config.get("quantization_config")
         if not qc:
             return None
         method = qc.get("quant_method")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tools import pytest_runtest_makereport, require_tool  # noqa: F401 - the CI=true report hook
 
 # Without a GPU, Triton kernels (engine/layers/quant_matmul.py) run on CPU tensors through Triton's
 # interpreter; the flag is read when a kernel is defined, so it is set before any test imports one.
@@ -13,9 +14,6 @@ if not torch.cuda.is_available():
 
 from engine.tiny_checkpoint import TINY, write_checkpoint
 from engine.tokenizer import write_tekken_v7
-
-# tools.py's report hook: under CI=true a test skipped for a missing tool fails
-pytest_plugins = ["tools"]
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +55,18 @@ def hf_model(tiny_dir):
     from transformers import Mistral3ForConditionalGeneration
     return Mistral3ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32,
                                                             attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def chromium():
+    """Debian's headless Chromium driven by Playwright (no browser download): `/usr/bin/chromium`. Per test:
+    Playwright's sync API runs an event loop on this thread while it is open, which asyncio.run() elsewhere
+    would trip over."""
+    exe = require_tool("chromium")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()

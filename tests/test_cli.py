@@ -31,7 +31,7 @@ def test_run_prints_the_answer(tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--temperature", "-1"], "temperature: must be >= 0"),
+    (["--temperature", "-1"], "temperature: must be between 0 and 5"),      # the Workers AI range
     (["--image", "/dev/null"], "image data is empty"),
     (["--model", "/nonexistent/dir"], "not a model directory"),
 ])
@@ -60,7 +60,7 @@ def test_version_on_the_command_line_and_the_server_agree(capsys):
         cli_main(["--version"])
     assert done.value.code == 0
     line = capsys.readouterr().out.strip()
-    info = TestClient(create_app(None)).get("/version").json()
+    info = TestClient(create_app(None), base_url="http://127.0.0.1").get("/version").json()
     assert info["version"] and info["torch"] == torch.__version__ and info["cuda"] == torch.version.cuda
     assert info["cuda_available"] == torch.cuda.is_available()
     assert line.startswith(f"mistral-small-engine {info['version']}") and f"torch {torch.__version__}" in line

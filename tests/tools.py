@@ -37,10 +37,10 @@ class Tool:
         return shutil.which(self.provides, path=tool_path()) is not None
 
 
-# Debian and npm entries look like Tool("chromium", "debian", "chromium", "chromium"),
-# Tool("chromedriver", "debian", "chromium-driver", "chromedriver"), Tool("x", "npm", "x@1.2.3", "x").
+# an npm entry looks like Tool("x", "npm", "x@1.2.3", "x"): installed under tests/.tools, its bin on PATH
 TOOLS = [
     Tool("curl", "debian", "curl", "curl"),      # the README's first request, sent as the README sends it
+    Tool("chromium", "debian", "chromium", "chromium"),     # the /docs page, driven by playwright (pip)
     Tool("bitsandbytes", "pip", "bitsandbytes", "bitsandbytes"),
     Tool("accelerate", "pip", "accelerate", "accelerate"),
     Tool("triton", "pip", "triton", "triton"),
@@ -73,11 +73,24 @@ def install(tools: list[Tool], run=subprocess.run) -> list[list[str]]:
     return commands
 
 
+def _reason(names: list[str]) -> str:
+    return f"{MISSING}: {', '.join(names)} (python tests/run.py installs the Debian and npm ones; pip install -e " \
+           "'.[test]' the others)"
+
+
 def needs_tool(*tools: str | Tool) -> pytest.MarkDecorator:
+    """Mark: the test needs these tools (names in TOOLS, or Tool objects)."""
     wanted = [BY_NAME[t] if isinstance(t, str) else t for t in tools]
     absent = [t.name for t in missing(wanted)]
-    return pytest.mark.skipif(bool(absent), reason=f"{MISSING}: {', '.join(absent)} (python tests/run.py "
-                                                   "installs the Debian and npm ones; pip install -e '.[test]')")
+    return pytest.mark.skipif(bool(absent), reason=_reason(absent))
+
+
+def require_tool(name: str) -> str:
+    """In a fixture or test: the tool's executable (or module name), or the missing-tool skip."""
+    tool = BY_NAME[name]
+    if not tool.present():
+        pytest.skip(_reason([name]))
+    return tool.provides if tool.source == "pip" else shutil.which(tool.provides, path=tool_path())
 
 
 @pytest.hookimpl(wrapper=True)
