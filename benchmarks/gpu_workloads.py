@@ -130,6 +130,8 @@ def decode_run(llm, batch: int, context: int, steps: int, chunk: int, seed: int)
         if started and len(outs) == batch:
             times.append(dt)
             kv_tokens.append(in_flight)
+    if not times:
+        raise RuntimeError(f"batch {batch}: no decode-only step happened in {n} tokens per request")
     step = float(np.median(times))
     return {"batch": batch, "context": context, "decode_steps_timed": len(times), "step_ms": 1000 * step,
             "step_ms_p90": 1000 * float(np.percentile(times, 90)), "tok_s": batch / step,
