@@ -28,6 +28,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from engine import quant
-from engine.config import ModelConfig, load_config
+from engine.config import ModelConfig, load_config, read_config
 from engine.dummy_weights import DummyWeights
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 
@@ -63,15 +64,24 @@ class Checkpoint:
     files: tuple[Path, ...]     # safetensors files to read
     dummy: bool = False         # tensors made on the device (load_format="dummy"), named as in `format`
 
+    @cached_property
+    def raw_config(self) -> dict:
+        """config.json / params.json, read once (frozen: the checkpoint's files do not change under it)."""
+        return read_config(self.config_path)
+
+    @cached_property
+    def _config(self) -> ModelConfig:
+        return load_config(self.config_path, self.raw_config)
+
     def config(self) -> ModelConfig:
-        return load_config(self.config_path)
+        return self._config
 
     def prequantized(self) -> str | None:
         """"nf4" for a bitsandbytes 4-bit checkpoint (config.json's quantization_config, as transformers
         writes it), None for full-precision weights. Other pre-quantized formats are refused by name."""
         if self.format != "hf":
             return None
-        qc = json.loads(self.config_path.read_text()).get("quantization_config")
+        qc = self.raw_config.get("quantization_config")
         if not qc:
             return None
         if self.dummy:
