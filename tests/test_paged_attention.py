@@ -4,12 +4,13 @@ it runs through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
+from tools import needs_tool
 
 from engine.forward_context import ForwardContext
 from engine.layers import attention
 from engine.layers import paged_attention as pa
 
-pytestmark = pytest.mark.skipif(not pa.available(), reason="needs triton")
+pytestmark = needs_tool("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
