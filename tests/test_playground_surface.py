@@ -90,15 +90,17 @@ def test_a_non_editable_install_ships_the_page(tmp_path):
     assert "server/static/playground/index.html" in shipped and shipped <= names, shipped - names
 
 
+MARKDOWN = "# Title\n\n- one **bold**\n- two `code`\n\n1. first\n\n```python\nprint(1 < 2)\n```\n\n"
 HOSTILE = ["Hello <img src=x onerror=\"window.__pwned=1;alert(1)\"> and <script>window.__pwned=2</script>\n\n",
            "[click me](javascript:window.__pwned=3) [data](data:text/html,<script>alert(4)</script>) ",
            "[ok](https://example.com/x) <a href=\"javascript:alert(5)\">a</a> **<svg onload=alert(6)>**\n\n",
            "```html\n<iframe src=\"javascript:alert(7)\"></iframe>\n```\n", "> <b onmouseover=alert(8)>quote</b>"]
 
 
-def test_model_output_executes_nothing(live, chromium):
-    """A mocked Workers AI stream full of HTML, scripts and javascript: links: rendered as text, nothing runs."""
-    events = [{"response": t, "tool_calls": []} for t in HOSTILE]
+def test_model_output_is_markdown_and_executes_nothing(live, chromium):
+    """A mocked Workers AI stream of Markdown, then HTML, scripts and javascript: links: the Markdown is rendered,
+    the rest stays text and nothing runs."""
+    events = [{"response": t, "tool_calls": []} for t in [MARKDOWN[:17], MARKDOWN[17:50], MARKDOWN[50:], *HOSTILE]]
     events.append({"response": "", "tool_calls": [{"name": "<img src=x onerror=alert(9)>",
                                                    "arguments": {"q": "<script>alert(10)</script>"}}]})
     events.append({"response": "", "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}})
@@ -109,6 +111,12 @@ def test_model_output_executes_nothing(live, chromium):
     s.send("Render this")
     s.wait_replies(1)
     reply = s.reply()
+    assert reply.locator(".body h3").text_content() == "Title"
+    assert reply.locator(".body ul > li").all_text_contents() == ["one bold", "two code"]
+    assert reply.locator(".body ul strong").text_content() == "bold" and reply.locator(".body ol > li").count() == 1
+    assert reply.locator(".body pre code").nth(0).text_content() == "print(1 < 2)"
+    assert reply.locator(".body pre .lang").nth(0).text_content() == "python"
+    assert reply.locator(".body pre code").nth(1).text_content() == '<iframe src="javascript:alert(7)"></iframe>'
     for tag in ("img", "script", "iframe", "svg", "b", "object", "embed"):
         assert reply.locator(f".body {tag}, .calls {tag}").count() == 0, tag
     hrefs = reply.locator("a").evaluate_all("els => els.map(a => [a.getAttribute('href'), a.rel, a.target])")

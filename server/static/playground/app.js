@@ -276,7 +276,14 @@ function wire() {
     $("code-button").setAttribute("aria-expanded", String(!panel.hidden));
     refreshCode();
   });
-  $("code-copy").addEventListener("click", () => navigator.clipboard.writeText($("code-text").textContent));
+  $("code-copy").addEventListener("click", () => {
+    if (navigator.clipboard) {          // only in secure contexts (loopback or https)
+      navigator.clipboard.writeText($("code-text").textContent);
+    } else {
+      getSelection().selectAllChildren($("code-text"));
+      notify("Selected: copy with Ctrl+C (this page is not on a secure origin, so it cannot write the clipboard).");
+    }
+  });
   $("settings-button").addEventListener("click", () => {
     const open = document.body.classList.toggle("settings-open");
     $("settings-button").setAttribute("aria-expanded", String(open));
