@@ -146,6 +146,23 @@ def test_api_key_is_asked_kept_in_the_tab_and_sent(live, chromium):
         s.check(allowed_console=[UNAUTHORIZED_LOG])
 
 
+def test_errors_in_a_stream_and_a_cut_stream_are_shown(live, chromium):
+    s = open_page(chromium, live.url)
+    bodies = iter(['data: {"response": "partial", "tool_calls": []}\n\ndata: {"errors": [{"message": "AiError: Bad '
+                   'input: Error: JSON Mode couldn\'t be met", "code": 5006}], "success": false, "result": {}}\n\n',
+                   'data: {"response": "cut", "tool_calls": []}\n\n'])
+    s.page.route("**/ai/run/**", lambda r: r.fulfill(status=200, body=next(bodies), headers={
+        "content-type": "text/event-stream"}))
+    s.send("one")
+    s.wait_replies(1)
+    assert "JSON Mode couldn't be met" in s.reply().locator(".error").text_content()
+    assert s.reply_source() == "partial"
+    s.send("two")
+    s.wait_replies(2)
+    assert "ended before its last event" in s.reply().locator(".error").text_content()
+    s.check()
+
+
 def run_snippet(lang: str, code: str, tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
     if lang == "javascript":
         path = tmp_path / "worker.mjs"

@@ -128,10 +128,34 @@ export async function* sse(response) {
   }
 }
 
-/** One event of either route as {text, calls, usage, finish, error}; OpenAI's call fragments are merged
- * into `calls` (by index) as they come, Workers AI sends each call whole. */
+/** POST `req` ({url, body, route}) and follow its stream, calling onEvent(update) per event. Throws HttpError
+ * for an error status, Error for an in-band error or a stream cut before [DONE], an AbortError when stopped. */
+export async function streamReply(req, signal, calls, onEvent) {
+  const r = await fetch(req.url, { method: "POST", headers: authHeaders(true), body: JSON.stringify(req.body),
+                                   signal });
+  if (!r.ok) {
+    let body = null;
+    try {
+      body = await r.json();
+    } catch {
+      // not JSON: the status line says enough
+    }
+    throw new HttpError(r.status, errorText(body, `${r.status} ${r.statusText}`));
+  }
+  for await (const ev of sse(r)) {
+    if (ev === null) return;
+    const u = readEvent(req.route, ev, calls);
+    if (u.error) throw new Error(u.error);
+    onEvent(u);
+  }
+  throw new Error("the stream ended before its last event ([DONE])");
+}
+
+/** One event of either route as {text, usage, finish, error, progress}; OpenAI's call fragments are merged
+ * into `calls` (by index) as they come, Workers AI sends each call whole. `progress`: the event carried output
+ * (text or a call), the stream's rate counts it. */
 export function readEvent(routeKey, ev, calls) {
-  const u = { text: "", usage: null, finish: null, error: null };
+  const u = { text: "", usage: null, finish: null, error: null, progress: false };
   if (ev.error || ev.success === false) {
     u.error = errorText(ev, "the server ended the stream with an error");
     return u;
@@ -140,6 +164,7 @@ export function readEvent(routeKey, ev, calls) {
     u.text = ev.response || "";
     for (const c of ev.tool_calls || []) calls.push({ id: "", name: c.name, arguments: JSON.stringify(c.arguments) });
     u.usage = ev.usage || null;
+    u.progress = Boolean(u.text || (ev.tool_calls && ev.tool_calls.length));
     return u;
   }
   const choice = ev.choices && ev.choices[0];
@@ -152,6 +177,7 @@ export function readEvent(routeKey, ev, calls) {
       if (tc.function && tc.function.arguments) c.arguments += tc.function.arguments;
     }
     u.finish = choice.finish_reason || null;
+    u.progress = Boolean(u.text || (choice.delta && choice.delta.tool_calls));
   }
   u.usage = ev.usage || null;
   return u;

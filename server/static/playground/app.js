@@ -2,9 +2,9 @@
 // reads at load time: the request schemas (ranges, defaults) from /openapi.json, the input limits from
 // /limits, the model and the demo flag from /health; /v1/models tells whether an API key is needed.
 
-import { apiKey, authHeaders, buildBody, errorText, getJSON, HttpError, readEvent, sse } from "./api.js";
+import { apiKey, buildBody, getJSON, HttpError, streamReply } from "./api.js";
 import { showCode } from "./code_panel.js";
-import { Controls } from "./controls.js";
+import { Controls, jsonField } from "./controls.js";
 import { Conversation } from "./conversation.js";
 import { Attachments, describeLimits } from "./images.js";
 import { ACCOUNT, describeRoute } from "./routes.js";
@@ -34,36 +34,14 @@ function askKey(why) {
 }
 
 // ---- the request --------------------------------------------------------------------------------------------
-function jsonBox(id, check) {
-  const text = $(id).value.trim();
-  const err = $(`${id}-error`);
-  err.hidden = true;
-  if (!text) return null;
-  let v;
-  try {
-    v = JSON.parse(text);
-  } catch (e) {
-    err.textContent = `Not valid JSON: ${e.message}`;
-    err.hidden = false;
-    throw new Error(`the ${id} box is not valid JSON`);
-  }
-  const problem = check(v);
-  if (problem) {
-    err.textContent = problem;
-    err.hidden = false;
-    throw new Error(problem);
-  }
-  return v;
-}
-
 function requestFor(history, rawPrompt) {
   const route = state.route;
   const body = buildBody({
     route, model: state.model, system: $("system").value, history: history.filter((m) => !m.raw),
     raw: rawPrompt !== null, prompt: rawPrompt, params: controls.params(),
-    schema: route.schema ? jsonBox("schema", (v) => (v && typeof v === "object" && !Array.isArray(v) ? null
+    schema: route.schema ? jsonField("schema", (v) => (v && typeof v === "object" && !Array.isArray(v) ? null
       : "The JSON schema must be an object")) : null,
-    tools: route.tools ? jsonBox("tools", (v) => (Array.isArray(v) ? null : "Tools must be a JSON array")) : null,
+    tools: route.tools ? jsonField("tools", (v) => (Array.isArray(v) ? null : "Tools must be a JSON array")) : null,
     toolChoice: $("tool-choice").value,
   });
   return { route: route.key, url: route.url(state.model), body, model: state.model, account: ACCOUNT,
@@ -94,29 +72,8 @@ async function generate(rawPrompt = null) {
   let usage = null;
   let finish = req.route === "workers" ? "– (not in Workers AI streams)" : "–";
   try {
-    const r = await fetch(req.url, { method: "POST", headers: authHeaders(true), body: JSON.stringify(req.body),
-                                     signal: controller.signal });
-    if (r.status === 401) {
-      state.history.pop();
-      conversation.render();
-      state.pending = () => generate(rawPrompt);
-      askKey("The server asks for an API key: enter it to send.");
-      return;
-    }
-    if (!r.ok) {
-      let body = null;
-      try {
-        body = await r.json();
-      } catch {
-        // the status line says enough
-      }
-      throw new HttpError(r.status, errorText(body, `${r.status} ${r.statusText}`));
-    }
-    for await (const ev of sse(r)) {
-      if (ev === null) break;
-      const u = readEvent(req.route, ev, reply.toolCalls);
-      if (u.error) throw new Error(u.error);
-      if (u.text || (ev.tool_calls && ev.tool_calls.length) || (ev.choices && ev.choices[0]?.delta?.tool_calls)) {
+    await streamReply(req, controller.signal, reply.toolCalls, (u) => {
+      if (u.progress) {
         timer.event();
         drawChart($("chart"), timer.points);
       }
@@ -125,9 +82,16 @@ async function generate(rawPrompt = null) {
       finish = u.finish || finish;
       reply.stats = timer.summary(usage, finish);
       conversation.update(i);
-    }
+    });
     reply.state = "done";
   } catch (e) {
+    if (e instanceof HttpError && e.status === 401) {
+      state.history.pop();
+      conversation.render();
+      state.pending = () => generate(rawPrompt);
+      askKey("The server asks for an API key: enter it to send.");
+      return;
+    }
     if (e.name === "AbortError") {
       reply.state = "stopped";
       finish = "stopped (you)";
@@ -175,20 +139,34 @@ function send() {
   generate(raw ? text : null);
 }
 
+/** Whether the settings make a valid request, said to the user when not (before the conversation changes). */
+function sendable() {
+  try {
+    requestFor([], null);
+    return true;
+  } catch (e) {
+    notify(`Not sent: ${e.message}.`);
+    return false;
+  }
+}
+
 const conversation = new Conversation($("messages"), state.history, {
   busy: () => state.busy !== null,
   edit(i, text) {
+    if (!sendable()) return;
     state.history.splice(i, state.history.length - i, { ...state.history[i], text });
     conversation.render();
     generate();
   },
   regenerate(i) {
+    if (!sendable()) return;
     const prev = state.history[i - 1];
     state.history.splice(i);
     conversation.render();
     generate(prev && prev.raw ? prev.text : null);
   },
   answer(i, results) {
+    if (!sendable()) return;
     state.history[i].toolCalls.forEach((c, k) => {
       state.history.push({ role: "tool", text: results[k], toolCallId: c.id || null, name: c.name });
     });

@@ -161,3 +161,27 @@ export class Controls {
     return out;
   }
 }
+
+/** The JSON in a settings box (`id`), null when empty; a parse error or `check(value)`'s complaint is shown
+ * under the box (`id`-error) and thrown. */
+export function jsonField(id, check) {
+  const text = document.getElementById(id).value.trim();
+  const err = document.getElementById(`${id}-error`);
+  err.hidden = true;
+  if (!text) return null;
+  let v;
+  try {
+    v = JSON.parse(text);
+  } catch (e) {
+    err.textContent = `Not valid JSON: ${e.message}`;
+    err.hidden = false;
+    throw new Error(`the ${id} box is not valid JSON`);
+  }
+  const problem = check(v);
+  if (problem) {
+    err.textContent = problem;
+    err.hidden = false;
+    throw new Error(problem);
+  }
+  return v;
+}
