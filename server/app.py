@@ -1,4 +1,5 @@
-"""The FastAPI app: the Workers AI route, the OpenAI-compatible API, health, metrics, the OpenAPI spec.
+"""The FastAPI app: the Workers AI route, the OpenAI-compatible API, health, metrics, input limits, the OpenAPI
+spec and the playground page.
 
 One engine per process (an AsyncLLM). Errors are rendered in the shape of the route they happen on:
 OpenAI's error object under /v1 and /client/v4/accounts/*/ai/v1, the Cloudflare v4 envelope elsewhere.
@@ -16,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM
-from server import openai_api, openapi, workers
+from server import limits_route, openai_api, openapi, playground, workers
 from server.config import API_KEY_ENV, ServerSettings
 from server.errors import BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, is_openai_path, render
 from server.metrics import Metrics
@@ -42,7 +43,9 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
     app.state.server = state
     app.include_router(workers.router)
     app.include_router(openai_api.router)
+    app.include_router(limits_route.router)
     openapi.install(app)
+    playground.install(app)
     app.add_middleware(Gate, get_settings=lambda: state.settings)
 
     @app.exception_handler(ApiError)

@@ -6,7 +6,8 @@
 - Origin (browsers): pages on loopback origins (any port) and the server's own origin may call it, and those
   in --allowed-origins ('*' = any). Others get 403 before anything runs; allowed ones get CORS headers, and
   their preflights (OPTIONS) pass without the API key, as browsers send none.
-- The API key (--api-key): every route but a few open ones needs it.
+- The API key (--api-key): every route but a few open ones needs it. Open paths are exact, plus a few asset
+  prefixes: the playground at "/" is one exact path, never a prefix (which would open every route).
 - Exceptions nobody handled become a 500 in the route's error shape with a request id for the log, answered
   here rather than by Starlette's outer handler, which would re-raise and make uvicorn drop a keep-alive
   connection.
@@ -23,10 +24,11 @@ from starlette.datastructures import Headers, MutableHeaders
 
 from server.config import LOOPBACK_HOSTS, ServerSettings
 from server.errors import AUTH, FORBIDDEN, INTERNAL, ApiError, is_openai_path, render
+from server.playground import PREFIX as PLAYGROUND_ASSETS
 
 log = logging.getLogger("server.app")
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs"})
-OPEN_PREFIXES = ("/docs/assets/",)
+OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/version", "/limits", "/openapi.json", "/docs"})
+OPEN_PREFIXES = ("/docs/assets/", PLAYGROUND_ASSETS)
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 _EXPOSED = "retry-after, x-request-id"
 
