@@ -1,4 +1,5 @@
-"""Command line: `serve` (HTTP server), `run` (one prompt, streamed), `chat` (interactive terminal chat).
+"""Command line: `serve` (HTTP server), `run` (one prompt, streamed), `chat` (interactive terminal chat),
+`bench` and `compare` (server/bench/: load and answers of any endpoint with this contract).
 
 Without --model the real checkpoint is used when a complete copy is in the local Hugging Face cache;
 otherwise a random-weight demo checkpoint is generated once and everything it answers is labelled DEMO.
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    from server.bench.cli import add_commands
+    add_commands(sub)           # bench, compare (server/bench/)
     return ap
 
 

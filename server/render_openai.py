@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 from server.errors import ApiError, openai_body
 from server.pipeline import Delta, Finished
@@ -58,9 +57,9 @@ def openai_calls(f: Finished) -> list[dict] | None:
 
 
 class OpenAIRenderer:
-    def __init__(self, chat: bool, model: str, include_usage: bool, tokenizer):
+    def __init__(self, chat: bool, model: str, include_usage: bool, tokenizer, request_id: str):
         self.chat, self.model, self.include_usage, self.tok = chat, model, include_usage, tokenizer
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id = request_id            # the id the server logs the request under
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.offset = 0                 # completions' text_offset of the next token
