@@ -29,7 +29,8 @@ from PIL import Image
 from server.bench.tokens import FIRST_TEXT_ID, PromptCounter
 
 DATASETS = ("random", "sharegpt", "prefix_repetition", "random-mm", "custom")
-SHAREGPT_DEMO = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "sharegpt_mini.json"
+# 40 short conversations written for this project, shipped with the package (sharegpt without --dataset-path)
+SHAREGPT_DEMO = Path(__file__).with_name("data") / "sharegpt_mini.json"
 _FIT_ROUNDS = 24
 _PAD = " x"                     # one token after any text (Tekken splits on the space)
 
