@@ -16,6 +16,14 @@ def _token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
+# A token the grammar masks out has logprob -inf, which JSON cannot carry: OpenAI's and vLLM's floor instead.
+LOGPROB_FLOOR = -9999.0
+
+
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
 def chat_logprobs(tokenizer, lps) -> dict | None:
     if lps is None:
         return None
@@ -25,8 +33,8 @@ def chat_logprobs(tokenizer, lps) -> dict | None:
         top = []
         for tid, val in lp.top:
             t, b = _token_text(tokenizer, tid)
-            top.append({"token": t, "logprob": val, "bytes": b})
-        content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+            top.append({"token": t, "logprob": _lp(val), "bytes": b})
+        content.append({"token": text, "logprob": _lp(lp.logprob), "bytes": raw, "top_logprobs": top})
     return {"content": content}
 
 
@@ -39,8 +47,8 @@ def completion_logprobs(tokenizer, lps, offset: int) -> dict | None:
         offsets.append(offset)
         offset += len(text)
         tokens.append(text)
-        values.append(lp.logprob)
-        tops.append({_token_text(tokenizer, t)[0]: v for t, v in lp.top})
+        values.append(_lp(lp.logprob))
+        tops.append({_token_text(tokenizer, t)[0]: _lp(v) for t, v in lp.top})
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 

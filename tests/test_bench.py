@@ -184,3 +184,17 @@ def test_unknown_model_and_bad_key_are_refused(live, tmp_path, capsys):
                                    "--random-input-len", "10", "--random-output-len", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "refused the credentials" in err and "10000" in err
+
+
+def test_masked_tokens_logprobs_are_floored_not_infinite(live):
+    """Under a grammar most tokens have logprob -inf; JSON cannot carry that (500 before; compare found it)."""
+    body = {"messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 6, "logprobs": True,
+            "top_logprobs": 5, "response_format": {"type": "json_object"}}
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        whole = c.post("/v1/chat/completions", json=body)
+        streamed = c.post("/v1/chat/completions", json={**body, "stream": True})
+    assert whole.status_code == 200, whole.text
+    values = [t["logprob"] for t in whole.json()["choices"][0]["logprobs"]["content"]
+              for t in [t, *t["top_logprobs"]]]
+    assert values and min(values) >= -9999.0
+    assert streamed.status_code == 200 and "Infinity" not in streamed.text and "-9999.0" in whole.text + streamed.text

@@ -30,7 +30,8 @@ def assemble(args, ep, counter, samples, run, percentiles: list[float], goodput:
         "interrupted": run.interrupted, "aborted": run.aborted,
         "initial_test": None if run.initial_test is None else {
             "request_id": run.initial_test.request_id, "prompt_tokens": run.initial_test.prompt_tokens,
-            "output_tokens": run.initial_test.output_tokens, "success": run.initial_test.success},
+            "output_tokens": run.initial_test.output_tokens, "success": run.initial_test.success,
+            "retries": run.initial_test.retries},
         "warnings": metrics.warnings_for(recs, args.ignore_eos),
         # vLLM's per-request arrays, for tools that read them
         "input_lens": [r.get("prompt_tokens") or r.get("prompt_len") for r in recs],
