@@ -32,7 +32,8 @@ def plot(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     line = result["timeline"]
     ax = axes[1][1]
-    ax.scatter(line["mean_in_flight"], line["output_tokens_per_s"], s=14, alpha=0.6)
+    busy = [(x, y) for x, y in zip(line["mean_in_flight"], line["output_tokens_per_s"]) if x > 0]
+    ax.scatter([x for x, _ in busy], [y for _, y in busy], s=14, alpha=0.6)
     ax.set(title="output throughput vs requests in flight (1 point = 1 s)", xlabel="requests in flight (mean)",
            ylabel="output tokens / s")
     ax.grid(alpha=0.3)
