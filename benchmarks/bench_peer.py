@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, format_table, result_path, run_metadata, write_json  # noqa: E402
+from common import RESULTS_DIR, format_table, result_path, run_metadata, write_json
 
-from server.cli import main as cli_main  # noqa: E402
-from server.config import CLOUDFLARE_MODEL  # noqa: E402
+from server.cli import main as cli_main
+from server.config import CLOUDFLARE_MODEL
 
 
 def workload(path: Path, n: int, output_len: int, seed: int) -> Path:
@@ -58,7 +58,7 @@ def guidellm(base_url: str, data: Path, n: int, concurrency: int, out_dir: Path,
            "--profile", f"kind=concurrent,streams={concurrency}", "--data", f"kind=json_file,path={data}",
            "--constraint", f"kind=max_requests,count={n}", "--output", f"kind=json,path={out}",
            "--disable-console"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if r.returncode != 0:
         raise SystemExit(f"guidellm failed ({r.returncode}): {r.stderr[-2000:]}")
     m = json.loads(out.read_text())["benchmarks"][0]["metrics"]
@@ -67,8 +67,8 @@ def guidellm(base_url: str, data: Path, n: int, concurrency: int, out_dir: Path,
         return m[name]["successful"]
 
     return {"completed": m["request_totals"]["successful"], "failed": m["request_totals"]["errored"],
-            "input_tokens": int(round(ok("prompt_token_count")["total_sum"])),
-            "output_tokens": int(round(ok("output_token_count")["total_sum"])),
+            "input_tokens": round(ok("prompt_token_count")["total_sum"]),
+            "output_tokens": round(ok("output_token_count")["total_sum"]),
             "median_ttft_ms": ok("time_to_first_token_ms")["median"],
             "median_itl_ms": ok("inter_token_latency_ms")["median"],
             "median_tpot_ms": ok("time_per_output_token_ms")["median"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def summarize(ep_a: Endpoint, ep_b: Endpoint, samples, run_a: Run, run_b: Run, t
         f["total"] += 1
         f["identical"] += r["identical"]
     lp = [r["logprobs"]["max_abs_diff"] for r in recs if "logprobs" in r and r["logprobs"]["shared_tokens"]]
-    return {"date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
+    return {"date": datetime.now(UTC).strftime("%Y%m%d-%H%M%S"),
             "a": ep_a.describe(), "b": ep_b.describe(), "temperature": opts.temperature, "seed": opts.seed,
             "total": total, "identical": same, "identical_ratio": same / total if total else 0.0,
             "failed": sum("error" in r for r in recs), "by_feature": by_feature,
@@ -144,8 +144,8 @@ def summarize(ep_a: Endpoint, ep_b: Endpoint, samples, run_a: Run, run_b: Run, t
 def summary_lines(result: dict) -> list[str]:
     lines = ["{:=^60}".format(" Compare "), f"A: {result['a']['backend']} {result['a']['url']}",
              f"B: {result['b']['backend']} {result['b']['url']}",
-             f"identical: {result['identical']} / {result['total']} ({result['identical_ratio']:.1%}), "
-             f"failed: {result['failed']}"]
+             (f"identical: {result['identical']} / {result['total']} ({result['identical_ratio']:.1%}), "
+              f"failed: {result['failed']}")]
     for f, c in result["by_feature"].items():
         lines.append(f"  {f:<6} {c['identical']} / {c['total']}")
     if result["max_abs_logprob_diff"] is not None:

@@ -78,7 +78,7 @@ def timeline(recs: list[dict]) -> dict:
     if not ok:
         return {"output_tokens_per_s": [], "concurrent_requests": [], "mean_in_flight": []}
     t0 = min(r["start_time_s"] for r in ok)
-    span = int(math.ceil(max(r["start_time_s"] + r["e2el_s"] for r in ok) - t0)) + 1
+    span = math.ceil(max(r["start_time_s"] + r["e2el_s"] for r in ok) - t0) + 1
     tokens, busy, flight = np.zeros(span), np.zeros(span), np.zeros(span)
     for r in ok:
         t = r["start_time_s"] + r["ttft_s"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from server.bench import metrics
@@ -19,7 +19,7 @@ def assemble(args, ep, counter, samples, run, percentiles: list[float], goodput:
     summary = metrics.summarize(recs, run.duration, percentiles, goodput)
     rate = args.request_rate
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), "backend": ep.backend,
+        "date": datetime.now(UTC).strftime("%Y%m%d-%H%M%S"), "backend": ep.backend,
         "endpoint": ep.describe(), "label": args.label or ep.backend, "model_id": ep.model,
         "tokenizer_id": counter.source, "num_prompts": len(samples), "dataset_name": args.dataset_name,
         "request_rate": "inf" if math.isinf(rate) else rate, "burstiness": args.burstiness,
@@ -77,7 +77,7 @@ def table(result: dict, percentiles: list[float], percentile_metrics: list[str])
         if m not in percentile_metrics:
             continue
         name = m.upper()
-        lines += ["{:-^50}".format(headers[m]), num(f"Mean {name} (ms):", result[f"mean_{m}_ms"]),
+        lines += [f"{headers[m]:-^50}", num(f"Mean {name} (ms):", result[f"mean_{m}_ms"]),
                   num(f"Median {name} (ms):", result[f"median_{m}_ms"])]
         for p in percentiles:
             word = str(int(p)) if int(p) == p else str(p)

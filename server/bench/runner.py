@@ -178,7 +178,7 @@ class Sender:
                     if delay > 0:
                         try:
                             await asyncio.wait_for(stop.wait(), delay)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             pass
                     if stop.is_set():
                         break
