@@ -35,8 +35,9 @@ def local_tokenizer(path: str | None = None) -> Tokenizer:
         p = Path(path)
         return Tokenizer.from_model_dir(p) if p.is_dir() else Tokenizer.from_file(p)
     file = CACHE / "tekken.json"
-    if not file.is_file():
-        write_tekken_v7(file)
+    if not file.is_file():      # written aside and renamed: a stopped write never leaves half a file
+        part = write_tekken_v7(CACHE / f"tekken.{os.getpid()}.json")
+        os.replace(part, file)
     return Tokenizer.from_file(file)
 
 
