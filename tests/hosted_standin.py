@@ -27,6 +27,7 @@ class StandIn:
     account: str = "acct-123"
     first_text_delay: float = 0.4
     rate_limited: int = 0                       # the next N requests get 429
+    revoke_after: int | None = None             # the token stops working after N answered requests
     seen: list[dict] = field(default_factory=list)
     url: str = ""
 
@@ -35,7 +36,8 @@ class StandIn:
 
         @app.post("/client/v4/accounts/{account}/ai/run/{model:path}")
         async def run(account: str, model: str, request: Request):
-            if request.headers.get("authorization") != f"Bearer {self.token}" or account != self.account:
+            revoked = self.revoke_after is not None and len(self.seen) >= self.revoke_after
+            if request.headers.get("authorization") != f"Bearer {self.token}" or account != self.account or revoked:
                 return _error(401, 10000, "Authentication error", result=None)
             if model != MODEL:
                 return _error(400, 5007, f"No such model {model} or task")

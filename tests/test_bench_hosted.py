@@ -103,3 +103,19 @@ def test_model_default_is_the_hosted_name():
     ep = make_endpoint(None, "openai-chat", hosted=True, env={"CLOUDFLARE_ACCOUNT_ID": "a1",
                                                               "CLOUDFLARE_API_TOKEN": "t"})
     assert ep.url == "https://api.cloudflare.com/client/v4/accounts/a1/ai/v1/chat/completions"
+
+
+def test_credentials_revoked_mid_run_stop_it_and_keep_the_answers(standin, cf_env, tmp_path, monkeypatch, capsys):
+    standin.seen.clear()
+    standin.revoke_after = 3                    # the initial test and two requests get through
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli_main(["bench", "--hosted", "--base-url", standin.url, "--no-progress", "--num-prompts", "6",
+                         "--random-input-len", "20", "--random-output-len", "3", "--max-concurrency", "1"])
+    finally:
+        standin.revoke_after = None
+    assert code == 1 and "the run stopped early" in capsys.readouterr().err
+    saved = list(tmp_path.glob("workers-*.json"))               # saved without --save-result
+    res = json.loads(saved[0].read_text())
+    assert res["completed"] == 2 and res["failed"] == 4 and "10000" in res["aborted"]
+    assert len(standin.seen) == 3                                 # nothing more was sent after the refusal

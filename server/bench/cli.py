@@ -162,7 +162,11 @@ def cmd_bench(args) -> int:
     pmetrics = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
     goodput = parse_goodput(args.goodput)
     counter = _counter(args, ep)
-    samples = datasets.build(cfg, counter, ep.chat)
+    try:
+        samples = datasets.build(cfg, counter, ep.chat)
+    except BaseException:
+        counter.close()
+        raise
     print(f"endpoint {ep.url} ({ep.backend}{', hosted' if ep.hosted else ''}); prompt lengths counted by "
           f"{counter.source}; rate {args.request_rate}, burstiness {args.burstiness}, max concurrency "
           f"{args.max_concurrency}, at most {load.max_requests_per_minute or 'unlimited'} requests/min")
@@ -172,22 +176,21 @@ def cmd_bench(args) -> int:
     opts = RequestOptions(args.temperature, args.seed, args.ignore_eos)
     run = Run([None] * len(samples))
     sender = Sender(ep, opts, load, run, progress=not args.no_progress)
-    code = 0
+    code, finished = 0, False
     try:
         asyncio.run(_bench(sender, samples, args.ready_check_timeout_sec))
-        code = 1 if run.aborted else 0
+        code, finished = (1 if run.aborted else 0), True
     except KeyboardInterrupt:
         run.interrupted, code = True, 130
-    finally:
-        started = run.started is not None
-        if started:
+    finally:        # whatever happened once requests were sent, what came back is printed and kept
+        if run.started is not None:
             res = result.assemble(args, ep, counter, samples, run, percentiles, goodput)
             print(result.table(res, percentiles, pmetrics))
             for note in res["warnings"]:
                 print(f"warning: {note}")
             if run.aborted:
                 print(f"the run stopped early: {run.aborted}", file=sys.stderr)
-            if args.save_result or run.interrupted or run.aborted:
+            if args.save_result or not finished or run.aborted:
                 _report_saved(*result.save(args, res))
         counter.close()
     return code
