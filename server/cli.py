@@ -1,5 +1,6 @@
 """Command line: `serve` (HTTP server), `run` (one prompt, streamed), `chat` (interactive terminal chat),
-`download` (the weights, into the Hugging Face cache), `--version`.
+`download` (the weights, into the Hugging Face cache), `bench` and `compare` (server/bench/: load and answers of
+any endpoint with this contract), `--version`.
 
 Without --model the real checkpoint is used when a complete copy is in the local Hugging Face cache;
 otherwise a random-weight demo checkpoint is generated once and everything it answers is labelled DEMO.
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "one consolidated.safetensors")
     download.add_argument("--revision", help="branch, tag or commit (default: main)")
     download.set_defaults(func=cmd_download)
+    from server.bench.cli import add_commands
+    add_commands(sub)           # bench, compare (server/bench/)
     return ap
 
 

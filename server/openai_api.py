@@ -70,7 +70,7 @@ async def completions(request: Request):
 async def _serve(state, request: Request, req: GenerationRequest, body, chat: bool, model: str):
     gen = await start(state, req)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    renderer = OpenAIRenderer(chat, model, include_usage, state.engine.engine.tokenizer)
+    renderer = OpenAIRenderer(chat, model, include_usage, state.engine.engine.tokenizer, gen.request_id)
     return await respond(gen, request, renderer, body.stream)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -31,6 +32,9 @@ from server.metrics import RequestTimer
 from server.structured import OutputSplitter, compile_grammar
 
 log = logging.getLogger(__name__)
+# A request's id, as the server logs it, the OpenAI `id` and the `x-request-id` header on every route say it: a
+# client (mistral-small bench) matches its own timings to the server's log line with it.
+_ID_PREFIX = {"openai-chat": "chatcmpl-", "openai-completions": "cmpl-"}
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,9 @@ async def start(state, req: GenerationRequest) -> Generation:
             raise bad_input(str(e), "response_format" if req.schema is not None else "tools") from None
         if grammar is not None:
             params = replace(params, grammar=grammar)
+    request_id = _ID_PREFIX.get(req.route, "run-") + uuid.uuid4().hex
     try:
-        stream = await llm.submit(req.prompt, params, raw=req.raw, tools=req.tools)
+        stream = await llm.submit(req.prompt, params, request_id=request_id, raw=req.raw, tools=req.tools)
     except (PromptError, ImageError) as e:
         raise bad_input(str(e)) from None
     except EngineDeadError:

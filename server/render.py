@@ -35,21 +35,27 @@ class Renderer(Protocol):
     def error(self, err: ApiError) -> str:
         """The one frame that ends a stream with an error."""
 
-    def whole(self, answers: list[Finished]) -> Response:
-        """The non-streamed response."""
+    def whole(self, answers: list[Finished]) -> Response | dict:
+        """The non-streamed response (a dict is sent as JSON)."""
 
 
 async def respond(gen: Generation, request: Request, renderer: Renderer, stream: bool) -> Response:
+    """Every response of a started request carries the id the server logs it under (`x-request-id`)."""
+    ids = {"x-request-id": gen.request_id}
     if stream:
-        return StreamingResponse(_sse(gen, renderer), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(_sse(gen, renderer), media_type="text/event-stream", headers={**SSE_HEADERS, **ids})
     try:
         answers = await gen.collect(request)
     except ClientGone:
-        return JSONResponse({}, status_code=499)
+        return JSONResponse({}, status_code=499, headers=ids)
     try:
-        return renderer.whole(answers)
+        response = renderer.whole(answers)
     finally:
         gen.close()
+    if not isinstance(response, Response):
+        response = JSONResponse(response)
+    response.headers.update(ids)
+    return response
 
 
 async def _sse(gen: Generation, renderer: Renderer):

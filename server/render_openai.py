@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 from server.errors import ApiError, openai_body
 from server.pipeline import Delta, Finished
@@ -17,6 +16,14 @@ def _token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
+# A token the grammar masks out has logprob -inf, which JSON cannot carry: OpenAI's and vLLM's floor instead.
+LOGPROB_FLOOR = -9999.0
+
+
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
 def chat_logprobs(tokenizer, lps) -> dict | None:
     if lps is None:
         return None
@@ -26,8 +33,8 @@ def chat_logprobs(tokenizer, lps) -> dict | None:
         top = []
         for tid, val in lp.top:
             t, b = _token_text(tokenizer, tid)
-            top.append({"token": t, "logprob": val, "bytes": b})
-        content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+            top.append({"token": t, "logprob": _lp(val), "bytes": b})
+        content.append({"token": text, "logprob": _lp(lp.logprob), "bytes": raw, "top_logprobs": top})
     return {"content": content}
 
 
@@ -40,8 +47,8 @@ def completion_logprobs(tokenizer, lps, offset: int) -> dict | None:
         offsets.append(offset)
         offset += len(text)
         tokens.append(text)
-        values.append(lp.logprob)
-        tops.append({_token_text(tokenizer, t)[0]: v for t, v in lp.top})
+        values.append(_lp(lp.logprob))
+        tops.append({_token_text(tokenizer, t)[0]: _lp(v) for t, v in lp.top})
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -58,9 +65,9 @@ def openai_calls(f: Finished) -> list[dict] | None:
 
 
 class OpenAIRenderer:
-    def __init__(self, chat: bool, model: str, include_usage: bool, tokenizer):
+    def __init__(self, chat: bool, model: str, include_usage: bool, tokenizer, request_id: str):
         self.chat, self.model, self.include_usage, self.tok = chat, model, include_usage, tokenizer
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id = request_id            # the id the server logs the request under
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.offset = 0                 # completions' text_offset of the next token
