@@ -8,6 +8,7 @@ happens here, once for every route.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Iterable, Protocol
 
@@ -15,7 +16,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.outputs import Usage
-from server.errors import INTERNAL, ApiError
+from server.admission import CLIENT_STALLED, ERROR
+from server.errors import ABORTED, INTERNAL, ApiError
 from server.pipeline import ClientGone, Delta, Finished, Generation
 
 log = logging.getLogger(__name__)
@@ -41,18 +43,56 @@ class Renderer(Protocol):
 
 async def respond(gen: Generation, request: Request, renderer: Renderer, stream: bool) -> Response:
     if stream:
-        return StreamingResponse(_sse(gen, renderer), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(gen, renderer, request.app.state.server.settings.limits.stall_timeout,
+                           request.scope.get(CUT_CONNECTION, _no_cut))
     try:
-        answers = await gen.collect(request)
+        return renderer.whole(await gen.collect(request))
     except ClientGone:
         return JSONResponse({}, status_code=499)
-    try:
-        return renderer.whole(answers)
+    except ApiError:    # interrupted (timeout, shutdown, the engine died), or not deliverable as asked
+        raise
+    except Exception:
+        gen.close(ERROR)
+        raise
     finally:
         gen.close()
 
 
+class ClientStalled(Exception):
+    """The client read nothing while the server waited to send it one event, for stall_timeout seconds."""
+
+
+class EventStream(StreamingResponse):
+    """The SSE response. A client that leaves the server unable to send (it reads nothing; its socket buffer and
+    ours are full) for `stall_timeout` seconds is cut: its request is aborted, its blocks freed, its connection
+    dropped, and the log says so. Meanwhile the engine's deltas wait in the request's bounded buffer
+    (engine/async_llm.py)."""
+
+    def __init__(self, gen: Generation, renderer: Renderer, stall_timeout: float, cut):
+        super().__init__(_sse(gen, renderer), media_type="text/event-stream", headers=SSE_HEADERS)
+        self.gen, self.stall_timeout, self.cut = gen, stall_timeout, cut
+
+    async def stream_response(self, send) -> None:
+        async def send_unless_stalled(message):
+            try:
+                async with asyncio.timeout(self.stall_timeout or None):
+                    await send(message)
+            except TimeoutError:
+                raise ClientStalled() from None
+
+        try:
+            await super().stream_response(send_unless_stalled)
+        except ClientStalled:
+            log.warning("request %s: the client read nothing for %g s (--stall-timeout): aborted, connection cut",
+                        self.gen.request_id, self.stall_timeout)
+            self.gen.ticket.interrupt(ApiError(408, ABORTED, "Request was aborted: the client stopped reading"),
+                                      CLIENT_STALLED)
+            await self.body_iterator.aclose()
+            self.cut()
+
+
 async def _sse(gen: Generation, renderer: Renderer):
+    ended_by = None
     try:
         for frame in renderer.start():
             yield frame
@@ -61,14 +101,30 @@ async def _sse(gen: Generation, renderer: Renderer):
                 yield frame
         for frame in renderer.end():
             yield frame
-    except ApiError as err:             # the answer cannot be completed as asked: say so in-band
+    except ApiError as err:             # cannot be completed as asked, or interrupted: say so in-band
         yield renderer.error(err)
     except Exception as e:      # noqa: BLE001 - the stream has started: say so in-band, never cut silently
+        ended_by = ERROR
         log.exception("stream %s failed", gen.request_id)
         yield renderer.error(ApiError(500, INTERNAL, f"internal error while generating (request id "
                                                      f"{gen.request_id}): {e}"))
     finally:
-        gen.close()
+        gen.close(ended_by)
+
+
+# the ASGI scope key under which the app keeps a way to drop the request's connection (server/app.py)
+CUT_CONNECTION = "mistral_small.cut_connection"
+
+
+def connection_cutter(send):
+    """uvicorn's send is a method of the connection's request cycle, which holds the transport: abort() drops
+    the connection at once, even with unsent data that a stalled client would never read (close() waits)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    return transport.abort if transport is not None else _no_cut
+
+
+def _no_cut() -> None:
+    pass
 
 
 def usage_dict(u: Usage, details: bool = False) -> dict:

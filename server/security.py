@@ -25,7 +25,7 @@ from server.config import LOOPBACK_HOSTS, ServerSettings
 from server.errors import AUTH, FORBIDDEN, INTERNAL, ApiError, is_openai_path, render
 
 log = logging.getLogger("server.app")
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/limits", "/version", "/openapi.json", "/docs"})
 OPEN_PREFIXES = ("/docs/assets/",)
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 _EXPOSED = "retry-after, x-request-id"
