@@ -21,7 +21,7 @@ from server.body_limit import BodyLimit
 from server.config import API_KEY_ENV, ServerSettings
 from server.errors import BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, is_openai_path, render
 from server.metrics import Metrics
-from server.render import CUT_CONNECTION, connection_cutter
+from server.render import CONNECTION, Connection
 from server.security import Gate
 from server.state import ServerState
 
@@ -92,7 +92,7 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
 class App(FastAPI):
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":     # the connection's own send: only this outermost layer sees it
-            scope[CUT_CONNECTION] = connection_cutter(send)
+            scope[CONNECTION] = Connection(send)
         await super().__call__(scope, receive, send)
 
 

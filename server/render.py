@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Iterable, Protocol
 
 from fastapi import Request
@@ -44,7 +45,7 @@ class Renderer(Protocol):
 async def respond(gen: Generation, request: Request, renderer: Renderer, stream: bool) -> Response:
     if stream:
         return EventStream(gen, renderer, request.app.state.server.settings.limits.stall_timeout,
-                           request.scope.get(CUT_CONNECTION, _no_cut))
+                           request.scope.get(CONNECTION) or Connection(None))
     try:
         return renderer.whole(await gen.collect(request))
     except ClientGone:
@@ -68,11 +69,13 @@ class EventStream(StreamingResponse):
     dropped, and the log says so. Meanwhile the engine's deltas wait in the request's bounded buffer
     (engine/async_llm.py)."""
 
-    def __init__(self, gen: Generation, renderer: Renderer, stall_timeout: float, cut):
+    def __init__(self, gen: Generation, renderer: Renderer, stall_timeout: float, connection: Connection):
         super().__init__(_sse(gen, renderer), media_type="text/event-stream", headers=SSE_HEADERS)
-        self.gen, self.stall_timeout, self.cut = gen, stall_timeout, cut
+        self.gen, self.stall_timeout, self.connection = gen, stall_timeout, connection
 
     async def stream_response(self, send) -> None:
+        self.connection.limit_send_buffer(SSE_SEND_BUFFER)
+
         async def send_unless_stalled(message):
             try:
                 async with asyncio.timeout(self.stall_timeout or None):
@@ -88,7 +91,7 @@ class EventStream(StreamingResponse):
             self.gen.ticket.interrupt(ApiError(408, ABORTED, "Request was aborted: the client stopped reading"),
                                       CLIENT_STALLED)
             await self.body_iterator.aclose()
-            self.cut()
+            self.connection.cut()
 
 
 async def _sse(gen: Generation, renderer: Renderer):
@@ -112,19 +115,30 @@ async def _sse(gen: Generation, renderer: Renderer):
         gen.close(ended_by)
 
 
-# the ASGI scope key under which the app keeps a way to drop the request's connection (server/app.py)
-CUT_CONNECTION = "mistral_small.cut_connection"
+# the ASGI scope key under which the app keeps the request's Connection (server/app.py)
+CONNECTION = "mistral_small.connection"
+# kernel send buffer of a streaming response's socket (Linux doubles it). Autotuned, it grows to megabytes
+# that a client which stopped reading pins, and the stall is noticed only once they are full; tokens arrive
+# at kilobytes per second, so this never slows a reader down.
+SSE_SEND_BUFFER = 64 * 1024
 
 
-def connection_cutter(send):
-    """uvicorn's send is a method of the connection's request cycle, which holds the transport: abort() drops
-    the connection at once, even with unsent data that a stalled client would never read (close() waits)."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    return transport.abort if transport is not None else _no_cut
+class Connection:
+    """The client's TCP connection under uvicorn (whose send is a method of the connection's request cycle,
+    which holds the transport); does nothing under other servers."""
 
+    def __init__(self, send):
+        self.transport = getattr(getattr(send, "__self__", None), "transport", None)
 
-def _no_cut() -> None:
-    pass
+    def cut(self) -> None:
+        """Drop the connection at once, unsent data and all (close() would wait for a stalled client to read)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def limit_send_buffer(self, size: int) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def usage_dict(u: Usage, details: bool = False) -> dict:
