@@ -67,12 +67,12 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
     @app.get("/health", summary="Ready (200), loading or stopped (503)",
              responses={503: {"description": "Loading, the engine stopped, or shutting down"}})
     async def health():
-        if state.admission.draining:
-            return JSONResponse({"status": "shutting down"}, status_code=503, headers={"Retry-After": "1"})
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         if state.engine.is_dead:
             return JSONResponse({"status": "dead", "error": repr(state.engine.error)}, status_code=503)
+        if state.admission.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503, headers={"Retry-After": "1"})
         return {"status": "ok", "model": state.settings.model_names[0], "demo": state.settings.demo}
 
     @app.get("/limits", summary="The server's admission limits and timeouts (read-only)",

@@ -37,7 +37,8 @@ class Server(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         if self.state.engine is not None:
-            self.state.engine.on_death(lambda e: self.loop.call_soon_threadsafe(self._engine_died))
+            self.state.engine.on_death(
+                lambda e: self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._engine_died())))
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -68,8 +69,15 @@ class Server(uvicorn.Server):
                 pass
         self.should_exit = True
 
-    def _engine_died(self) -> None:
+    async def _engine_died(self) -> None:
+        """Every held request has been interrupted (server/state.py): let their errors be written while the port
+        still answers (/health 503), then exit."""
         log.error("the engine loop died: exiting with status %d so that a supervisor restarts the server",
                   ENGINE_DIED)
         self.exit_code = ENGINE_DIED
+        self.state.admission.draining = True
+        try:
+            await asyncio.wait_for(self.state.admission.wait_idle(), ERROR_EVENTS_S)
+        except TimeoutError:
+            pass
         self.should_exit = True
