@@ -2,9 +2,9 @@
 
 The engine loop owns LLMEngine and runs on its own thread; callers never block it. They talk to it through
 a command queue (add, abort) that the loop drains before every step, and receive what each step added to
-their request on that request's RequestStream (filled with `call_soon_threadsafe`). Preparing a request
-(tokenization, image decoding and hashing, the grammar matcher) runs in a worker thread, never on the engine
-thread or the event loop.
+their request on that request's RequestStream (filled with `call_soon_threadsafe`). Input processing
+(tokenization, images, grammar matchers) runs in a worker thread, never on the engine thread nor on the
+event loop.
 
 Memory per request stays bounded whatever its reader does: the engine hands over only what a step added
 (never a copy of everything so far), and a stream whose reader falls behind merges new steps into its last
@@ -24,6 +24,7 @@ from typing import AsyncIterator, Callable
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, TokenLogprob, Usage
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,16 @@ class AsyncLLM:
     async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                      raw: bool = False, tools: list[dict] | None = None) -> RequestStream:
         """Validate and queue a request; returns its output stream. Bad requests raise here, before anything
-        is queued (PromptError, ImageError, ContextWindowError, ValueError, EngineDeadError)."""
+        is queued (PromptError, ImageError, ContextWindowError, ValueError, EngineDeadError). All the input
+        processing (tokenizing, images, grammar) runs in a worker thread, never on the event loop."""
         self._check_alive()
-        # tokenizing, decoding and hashing images, creating the grammar matcher: a worker thread's job, never
-        # the event loop's
-        req = await asyncio.to_thread(self._prepare, prompt, params, request_id or uuid.uuid4().hex, raw, tools)
+        req = await asyncio.to_thread(self.engine.process, prompt, params, request_id or uuid.uuid4().hex, raw,
+                                      tools)
+        return self.submit_request(req)
+
+    def submit_request(self, req: Request) -> RequestStream:
+        """Queue a request already built by `engine.process` (e.g. in the caller's own worker pool); returns
+        its output stream. Call it on the event loop that will read the stream; it does no CPU-heavy work."""
         stream = RequestStream(self, req.request_id, req.prompt_token_ids)
         with self._lock:        # the engine may have died while this request was being prepared
             self._check_alive()
@@ -81,9 +87,6 @@ class AsyncLLM:
     def _check_alive(self) -> None:
         if self.error is not None:
             raise EngineDeadError(f"the engine loop died: {self.error!r}")
-
-    def _prepare(self, prompt, params, request_id, raw, tools):
-        return self.engine.make_request(self.engine.encode(prompt, raw, tools), params, request_id)
 
     async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                      raw: bool = False, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:

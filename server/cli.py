@@ -54,7 +54,8 @@ def _engine_kwargs(args) -> dict:
 
 
 def _model(args) -> tuple[str, bool]:
-    return (args.model, False) if args.model else default_model()
+    # dummy weights are random too: served answers are labelled DEMO like the demo checkpoint's
+    return (args.model, args.load_format == "dummy") if args.model else default_model()
 
 
 def _sampling(args):
@@ -173,7 +174,9 @@ def cmd_chat(args) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or hub id (default: the real model if cached, else a demo)")
-    p.add_argument("--load-format", choices=["auto", "hf", "mistral"], default="auto")
+    p.add_argument("--load-format", choices=["auto", "hf", "mistral", "dummy"], default="auto",
+                   help="dummy: random weights made on the device; the directory needs only config.json or "
+                        "params.json + tekken.json (benchmarks)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
     add_flags(p, EngineConfig)

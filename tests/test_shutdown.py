@@ -27,7 +27,7 @@ LONG = {"max_tokens": 20000, "ignore_eos": True, "temperature": 0, "stream": Tru
 FAULTY = """
 import sys, time
 from engine.llm_engine import LLMEngine
-submit, step, encode = LLMEngine.submit, LLMEngine.step, LLMEngine.encode
+submit, step, process = LLMEngine.submit, LLMEngine.step, LLMEngine.process
 def submit_(self, req):
     self.boom = getattr(self, "boom", False) or req.params.max_tokens == 777
     submit(self, req)
@@ -35,11 +35,11 @@ def step_(self):
     if getattr(self, "boom", False):
         raise RuntimeError("injected: the device fell over")
     return step(self)
-def encode_(self, prompt, raw=False, tools=None):
+def process_(self, prompt, *args, **kwargs):
     if "SLOW" in str(prompt):
         time.sleep(5)
-    return encode(self, prompt, raw, tools)
-LLMEngine.submit, LLMEngine.step, LLMEngine.encode = submit_, step_, encode_
+    return process(self, prompt, *args, **kwargs)
+LLMEngine.submit, LLMEngine.step, LLMEngine.process = submit_, step_, process_
 from server.cli import main
 sys.exit(main(sys.argv[1:]))
 """
