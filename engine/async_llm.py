@@ -155,7 +155,8 @@ class AsyncLLM:
                     self._wake.wait()
                     continue
                 for out in self.engine.step():
-                    self._deliver(out.request_id, StepDelta.of(out))
+                    self._deliver(out.request_id, RequestFailed(out.error) if out.finish_reason == "error" else
+                                  StepDelta.of(out))
         except BaseException as e:      # noqa: BLE001 - every waiting caller must hear about it
             log.exception("engine loop died")
             with self._lock:
