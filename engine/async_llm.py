@@ -19,8 +19,8 @@ import logging
 import threading
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, TokenLogprob, Usage
@@ -168,7 +168,7 @@ class AsyncLLM:
             for callback in callbacks:
                 try:
                     callback(e)
-                except Exception:       # noqa: BLE001 - one listener's failure must not silence the others
+                except Exception:       # one listener's failure must not silence the others
                     log.exception("engine death callback failed")
 
 

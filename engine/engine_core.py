@@ -67,7 +67,7 @@ class EngineCore:
                     try:
                         outputs.append(self._append(req, sampled, row))
                         continue
-                    except Exception as e:      # noqa: BLE001 - this request's fault, not the engine's
+                    except Exception as e:      # this request's fault, not the engine's
                         log.exception("request %s failed in a step", req.request_id)
                         error = f"{type(e).__name__}: {e}"
                 self.finish(req.request_id, "error")

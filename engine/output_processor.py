@@ -105,7 +105,7 @@ class OutputProcessor:
                 try:
                     if self._append(state, co):
                         ended.append((co.request_id, "stop"))
-                except Exception as e:      # noqa: BLE001 - this request's fault, not the engine's
+                except Exception as e:      # this request's fault, not the engine's
                     log.exception("request %s failed in output processing", co.request_id)
                     self._fail(state, f"{type(e).__name__}: {e}", co.num_cached_tokens)
                     ended.append((co.request_id, "error"))

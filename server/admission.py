@@ -14,7 +14,8 @@ attached to aborts the request in the engine and ends its stream with that error
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from server.errors import OUT_OF_CAPACITY, ApiError, timed_out, unavailable
 from server.limits import Limits

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import option
 from server.limits import Limits
@@ -27,7 +27,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] | None = option(None, "Host header values accepted (default: loopback names, "
                                                    "or any when --host binds every interface); '*' = any",
                                                    nargs="*")
-    limits: Limits = Limits()       # admission limits and timeouts: their own flags (server/limits.py)
+    limits: Limits = field(default_factory=Limits)     # admission limits and timeouts: own flags (server/limits.py)
     demo: bool = False              # serving random weights: said in /v1/models, /health and the log
     model_path: str = ""
 

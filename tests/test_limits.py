@@ -253,6 +253,17 @@ def test_limits_are_served_read_only_without_a_key(live, http):
     assert set(props) == set(Limits().public()) and all(p["description"] for p in props.values())
 
 
+def test_readme_limits_table_is_the_dataclass():
+    import dataclasses
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("<!-- limits:start -->")[1].split("<!-- limits:end -->")[0]
+    rows = dict(re.findall(r"^\| `(--[a-z-]+)` \| ([0-9.]+)", table, re.MULTILINE))
+    fields = {"--" + f.name.replace("_", "-"): str(f.default) for f in dataclasses.fields(Limits)}
+    assert rows == fields
+
+
 def test_limit_flags_and_defaults():
     from server.cli import build_parser
     args = build_parser().parse_args(["serve", "--max-body-bytes", "1000", "--max-images", "2",

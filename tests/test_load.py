@@ -321,8 +321,9 @@ def test_soak_64_streams_both_routes_disconnects_and_stalls(tiny_dir, caplog):
                             assert events[-1] == "[DONE]", events[-3:]
                             usage = json.loads(events[-2])["usage"]
                             assert usage["completion_tokens"] == tokens
+                    n_stalled = len(stalled)
                     wait_for(lambda: sum(line["ended_by"] == "client_stalled" for line in request_logs(caplog))
-                             == len(stalled), 300, "every stalled reader cut")
+                             == n_stalled, 300, "every stalled reader cut")   # noqa: B023 - read at once
                 finally:
                     for s in stalled:
                         s.close()
