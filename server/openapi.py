@@ -165,7 +165,9 @@ _COMMON = {400: "Bad input (the field is named), JSON nested too deeply, too man
            503: "Model loading, engine stopped, or the server is shutting down (Retry-After)"}
 WORKERS_RESPONSES = {200: {"model": WorkersEnvelope, "content": _SSE, "description": "The answer"},
                      **_errors(CloudflareError, {**_COMMON, 413: f"{_COMMON[413]}, or prompt + max_tokens over "
-                                                                  "the context window"})}
+                                                                  "the context window",
+                                                 404: "No route for that URI (a model path that cannot be routed, "
+                                                      "e.g. with a line break)"})}
 
 
 def chat_responses() -> dict:
