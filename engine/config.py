@@ -298,6 +298,11 @@ class EngineConfig:
     max_model_len: int = option(128_000, "context window, prompt + max_tokens (up to the model's 131072)")
     max_num_seqs: int = option(256, "requests running at once")
     max_num_batched_tokens: int = option(2048, "tokens per engine step; also the prefill chunk size")
+    # engine/scheduler.py: long prompts are prefilled T tokens a step while other requests run or wait
+    long_prefill_token_threshold: int | None = option(
+        None, "prompts with more tokens than this left to prefill get at most this many per step (together) "
+        "while other requests run or wait, so that those keep their pace (vLLM's flag); default: a quarter of "
+        "--max-num-batched-tokens; 0 = off", type=int)
     block_size: int = option(16, "tokens per KV-cache block")
     kv_cache_memory: int | None = option(None, "KV pool size in GiB (default: measured on a GPU, 2 on CPU)",
                                          flag="--kv-cache-gib", type=float, convert=lambda gib: int(gib * 2**30))
@@ -318,6 +323,10 @@ class EngineConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.long_prefill_token_threshold is None:       # normalized once: the scheduler reads a number
+            object.__setattr__(self, "long_prefill_token_threshold", self.max_num_batched_tokens // 4)
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0 = off)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -12,6 +12,7 @@ Text-level endings (stop strings) are found by the output processor, which then 
 
 from __future__ import annotations
 
+import logging
 import time
 
 from engine.block_manager import BlockManager
@@ -22,6 +23,7 @@ from engine.request import Request
 from engine.sampler import SampledTokens
 from engine.scheduler import Scheduler
 
+log = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig, runner: ModelRunner, eos_id: int):
@@ -47,7 +49,10 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[CoreOutput]:
-        """One step; returns a CoreOutput for every request that sampled a token in it, in batch order."""
+        """One step; returns a CoreOutput for every request that sampled a token in it, in batch order.
+
+        A fault in one request's own host work (its grammar's mask or its advance) ends that request alone,
+        with finish_reason "error"; the others go on. Anything else (the forward pass) fails the step."""
         sched = self.scheduler.schedule()
         sampled = self.runner.execute(sched)
         outputs = []
@@ -56,7 +61,18 @@ class EngineCore:
             req.num_computed_tokens += s.num_tokens
             self.block_manager.cache_full_blocks(req, req.num_computed_tokens)
             if samples:
-                outputs.append(self._append(req, sampled, len(outputs)))
+                row = len(outputs)
+                error = self.runner.failures.get(req.request_id)
+                if error is None:
+                    try:
+                        outputs.append(self._append(req, sampled, row))
+                        continue
+                    except Exception as e:      # this request's fault, not the engine's
+                        log.exception("request %s failed in a step", req.request_id)
+                        error = f"{type(e).__name__}: {e}"
+                self.finish(req.request_id, "error")
+                outputs.append(CoreOutput(req.request_id, sampled.token_ids[row], "error", req.num_cached_tokens,
+                                          error=error))
         return outputs
 
     def _append(self, req: Request, sampled: SampledTokens, row: int) -> CoreOutput:

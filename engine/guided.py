@@ -113,15 +113,24 @@ class GrammarCompiler:
         return m
 
 
-def fill_bitmask(matchers: list[llg.LLMatcher], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def fill_bitmask(matchers: list[llg.LLMatcher], vocab_size: int, out: torch.Tensor | None = None,
+                 errors: dict[int, Exception] | None = None) -> torch.Tensor:
     """[len(matchers), ceil(V/32)] int32 bitmask of the tokens each matcher allows next, in host memory:
-    written into `out` (contiguous, e.g. a pinned staging buffer) when given."""
+    written into `out` (contiguous, e.g. a pinned staging buffer) when given. With `errors`, a matcher that
+    fails is recorded there by its index (its row then allows every token: its request is ended by the
+    caller) instead of failing the whole batch."""
     words = (vocab_size + 31) // 32
     mask = torch.empty((len(matchers), words), dtype=torch.int32) if out is None else out
     if mask.shape != (len(matchers), words) or mask.dtype != torch.int32 or not mask.is_contiguous():
         raise ValueError(f"the bitmask buffer must be a contiguous int32 [{len(matchers)}, {words}] tensor")
     for i, m in enumerate(matchers):
-        m.unsafe_compute_mask_ptr(mask[i].data_ptr(), words * 4)
+        try:
+            m.unsafe_compute_mask_ptr(mask[i].data_ptr(), words * 4)
+        except Exception as e:
+            if errors is None:
+                raise
+            errors[i] = e
+            mask[i] = -1
     return mask
 
 

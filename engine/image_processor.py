@@ -74,7 +74,42 @@ def load_image(source: str | bytes | bytearray | memoryview | Image.Image) -> Im
     )
 
 
-def _data_uri_payload(uri: str) -> bytes:
+# base64 characters of a data URI decoded to find the image's size: PNG, GIF, BMP and WebP headers open the
+# file, and a JPEG's frame header follows its metadata segments (EXIF, ICC: rarely more than this)
+_HEADER_PREFIX = 128 * 1024
+
+
+def image_size(source: str) -> tuple[int, int]:
+    """(width, height) of a data URI's image from its header, without decoding its pixels: from a prefix of
+    the base64 payload when the header lies there, else from the whole payload (its bytes, never its pixels)."""
+    payload = _data_uri_base64(source)
+    if len(payload) > _HEADER_PREFIX:
+        prefix = "".join(payload[:_HEADER_PREFIX].split())
+        try:
+            return _header_size(_b64decode(prefix[:len(prefix) // 4 * 4]))
+        except ImageError:
+            pass            # the header lies further in (or the data is bad): look at all of it
+    return _header_size(_data_uri_payload(source))
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    if not data:
+        raise ImageError("image data is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:    # parses the header only
+                return image.size
+    except Image.DecompressionBombError:
+        raise _too_large("refused as a possible decompression bomb") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"not a recognized image, or a corrupt one; accepted formats: {_ACCEPTED}") from None
+    except Exception as e:
+        raise ImageError(f"image header is corrupt ({e})") from None
+
+
+def _data_uri_base64(uri: str) -> str:
+    """The base64 payload of an image data URI (checked to be one), whitespace and all."""
     uri = uri.strip()
     head = uri[:16].lower()
     if head.startswith(("http://", "https://")):
@@ -87,8 +122,16 @@ def _data_uri_payload(uri: str) -> bytes:
     # The media type is ignored on purpose (clients often get it wrong); the decoder sniffs the real format.
     if not comma or not header.lower().endswith(";base64"):
         raise ImageError("image data URI must be base64-encoded: data:<media type>;base64,<data>")
-    payload = "".join(payload.split())  # tolerate line-wrapped base64
+    return payload
+
+
+def _data_uri_payload(uri: str) -> bytes:
+    payload = "".join(_data_uri_base64(uri).split())  # tolerate line-wrapped base64
     _check_payload_size(len(payload) // 4 * 3)
+    return _b64decode(payload)
+
+
+def _b64decode(payload: str) -> bytes:
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError) as e:

@@ -131,9 +131,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the outputs of requests that produced tokens or finished in it.
         Finished requests are forgotten after being returned."""
-        outputs, stopped = self.output_processor.process(self.core.step())
-        for request_id in stopped:
-            self.core.finish(request_id, "stop")
+        outputs, ended = self.output_processor.process(self.core.step())
+        for request_id, reason in ended:
+            self.core.finish(request_id, reason)
         return outputs
 
     def check_integrity(self) -> None:

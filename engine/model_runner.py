@@ -43,6 +43,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.inputs = InputBatch(config, self.cfg.text.vocab_size, self.device)   # persistent step inputs
         self.grammar_seconds, self.grammar_masks = 0.0, 0      # host time spent computing grammar masks
+        self.failures: dict[str, str] = {}     # request id -> what failed in the last step's per-request work
         t = self.cfg.text
         self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
         self.block_bytes = 2 * t.num_hidden_layers * config.block_size * t.num_key_value_heads * t.head_dim \
@@ -128,6 +129,7 @@ class ModelRunner:
         """Compute the step's tokens; sample one token for each request whose known tokens are now all
         cached (in `sched.scheduled` order, skipping those that only prefilled a chunk). Host work is
         O(tokens this step) (engine/input_batch.py); the results come back in one device->host copy."""
+        self.failures = {}
         step = self.inputs.prepare(sched, self.kv_caches)
         if step is None:
             return None
@@ -158,7 +160,10 @@ class ModelRunner:
             return None
         start = time.perf_counter()
         host, mask = self.inputs.staging.alloc((len(guided), (vocab_size + 31) // 32), torch.int32)
-        fill_bitmask([reqs[i].matcher for i in guided], vocab_size, out=host)
+        errors: dict[int, Exception] = {}
+        fill_bitmask([reqs[i].matcher for i in guided], vocab_size, out=host, errors=errors)
+        for k, e in errors.items():         # that request alone ends, with this error (engine/engine_core.py)
+            self.failures[reqs[guided[k]].request_id] = f"its grammar failed: {e!r}"
         self.grammar_seconds += time.perf_counter() - start
         self.grammar_masks += len(guided)
         return self.inputs.staging.put(guided, torch.int64), mask

@@ -11,6 +11,7 @@ start of a stop string, so a stop string (or a partial match of one) never leaks
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from engine.guided import TOOL_CALLS_ID
@@ -18,6 +19,8 @@ from engine.outputs import CoreOutput, RequestOutput, TokenLogprob, Usage
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class StopStringDetokenizer:
@@ -89,18 +92,33 @@ class OutputProcessor:
             p, req.num_prompt_tokens, StopStringDetokenizer(self.tokenizer, p.stop),
             RequestOutput(req.request_id, req.prompt_token_ids, logprobs=[] if p.logprobs is not None else None))
 
-    def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
         """Apply one step's sampled tokens. Returns the outputs that changed (finished ones are forgotten after
-        this) and the ids of the requests a stop string ended, which the core must finish as well."""
-        changed, stopped = [], []
+        this) and (request id, reason) of the requests ended here — by a stop string, or by a fault in their
+        own text processing ("error", which ends that request alone) — which the core must finish as well."""
+        changed, ended = [], []
         for co in outputs:
             state = self.states[co.request_id]
-            if self._append(state, co):
-                stopped.append(co.request_id)
+            if co.error is not None:
+                self._fail(state, co.error, co.num_cached_tokens)
+            else:
+                try:
+                    if self._append(state, co):
+                        ended.append((co.request_id, "stop"))
+                except Exception as e:      # this request's fault, not the engine's
+                    log.exception("request %s failed in output processing", co.request_id)
+                    self._fail(state, f"{type(e).__name__}: {e}", co.num_cached_tokens)
+                    ended.append((co.request_id, "error"))
             changed.append(state.output)
             if state.output.finished:
                 del self.states[co.request_id]
-        return changed, stopped
+        return changed, ended
+
+    def _fail(self, state: RequestState, error: str, num_cached_tokens: int) -> None:
+        out = state.output
+        out.delta_text, out.delta_token_ids, out.delta_logprobs = "", [], []
+        out.finish_reason, out.error = "error", error
+        out.usage = Usage(state.num_prompt_tokens, len(out.token_ids), num_cached_tokens)
 
     def abort(self, request_id: str, num_cached_tokens: int) -> RequestOutput | None:
         state = self.states.pop(request_id, None)

@@ -22,6 +22,7 @@ class CoreOutput:
     logprob: float | None = None            # raw logprob of token_id, when the step computed logprobs
     top_ids: list[int] | None = None        # the step's top-K alternatives (K = the batch's largest request)
     top_logprobs: list[float] | None = None
+    error: str | None = None                # finish_reason "error": this request's own processing failed
 
 
 @dataclass
@@ -48,7 +49,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None      # "stop" (EOS, stop string or stop token), "length", "cancelled"
+    # "stop" (EOS, stop string or stop token), "length", "cancelled", or "error": processing this request
+    # failed inside a step (its grammar, its detokenizing) and ended it alone; `error` says what
+    finish_reason: str | None = None
+    error: str | None = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[TokenLogprob] | None = None
     tool_calls_offset: int | None = None  # where in `text` the [TOOL_CALLS] token came: tool-call JSON follows

@@ -5,6 +5,15 @@ unfinished), so a long prompt is prefilled in chunks between other requests' dec
 are admitted afterwards in arrival order, reusing cached prefix blocks. When the pool cannot hold a running
 request's next tokens, the most recently admitted running request is preempted: its blocks are released and
 it waits again at the head of the queue, to be recomputed later (same tokens, same random stream).
+
+Fairness (vLLM's --long-prefill-token-threshold T): a "long" prefill has more than T tokens left to compute.
+While anything else runs or waits, long prefills together get at most T tokens a step, so every step keeps
+max_num_batched_tokens - T for decodes and short prefills; a long waiting prompt that finds no share this
+step is passed over (it keeps its place) by shorter ones behind it. The bound this gives: a request whose
+prompt fits in max_num_batched_tokens - T - (the running decodes and short prefills), that finds a free
+slot, room in the pool and no other request waiting ahead of it, is prefilled in the first step after it
+arrives and samples its first token in that step, however long the prompts being prefilled beside it.
+Alone, a long prompt gets the whole budget.
 """
 
 from __future__ import annotations
@@ -61,11 +70,17 @@ class Scheduler:
         out = SchedulerOutput(finished=self._finished)
         self._finished = []
         budget = self.config.max_num_batched_tokens
+        long_budget = self._long_prefill_budget(budget)
         running = list(self.running)
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            long = self._is_long(left)
+            n = min(left, budget, long_budget if long else budget)
+            if n == 0:              # the long prefills' share of this step is spent
+                i += 1
+                continue
             while not self.block_manager.allocate(req, n):
                 victim = running.pop()          # the most recently admitted request gives way
                 self._preempt(victim)
@@ -75,17 +90,25 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledRequest(req, n))
                 budget -= n
+                long_budget -= n if long else 0
                 i += 1
         if out.preempted:                       # the pool is full: admitting anyone would thrash
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        k = 0
+        while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[k]
+            if long_budget == 0 and self._is_long(req.num_tokens - req.num_computed_tokens):
+                k += 1                          # no long share left: shorter requests behind it may go
+                continue
             prefix = self.block_manager.lookup(req) if req.num_computed_tokens == 0 else []
-            n = min(req.num_tokens - len(prefix) * self.block_manager.block_size, budget)
-            if not self.block_manager.allocate(req, n, prefix):
+            left = req.num_tokens - len(prefix) * self.block_manager.block_size
+            long = self._is_long(left)
+            n = min(left, budget, long_budget if long else budget)
+            if n == 0 or not self.block_manager.allocate(req, n, prefix):
                 break
-            self.waiting.popleft()
+            del self.waiting[k]
+            long_budget -= n if long else 0
             if req.status == RequestStatus.WAITING:   # first admission: report cached prompt tokens
                 req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
@@ -93,6 +116,19 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _is_long(self, tokens_left: int) -> bool:
+        t = self.config.long_prefill_token_threshold
+        return 0 < t < tokens_left
+
+    def _long_prefill_budget(self, budget: int) -> int:
+        """What long prefills may take this step: T while other work (a decode, a short prefill) runs or waits,
+        else all of it."""
+        t = self.config.long_prefill_token_threshold
+        if not t or not any(not self._is_long(r.num_tokens - r.num_computed_tokens)
+                            for r in (*self.running, *self.waiting)):
+            return budget
+        return min(t, budget)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.release(req)

@@ -17,10 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM
-from server import limits_route, openai_api, openapi, playground, workers
+from server import openai_api, openapi, playground, workers
+from server.body_limit import BodyLimit
 from server.config import API_KEY_ENV, ServerSettings
 from server.errors import BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, is_openai_path, render
 from server.metrics import Metrics
+from server.render import CONNECTION, Connection
 from server.security import Gate
 from server.state import ServerState
 from server.version import version_info
@@ -37,16 +39,16 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
     state = ServerState(settings, engine)
     state.metrics = Metrics(lambda: state.engine, settings.model_names[0])
     running = version_info()        # probed here, once, not on the event loop
-    app = FastAPI(title="Mistral Small 3.1 local engine", description=DESCRIPTION,
-                  version=running["version"] or "0+unknown",
-                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app = App(title="Mistral Small 3.1 local engine", description=DESCRIPTION,
+              version=running["version"] or "0+unknown",
+              docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     app.include_router(workers.router)
     app.include_router(openai_api.router)
-    app.include_router(limits_route.router)
     openapi.install(app)
     playground.install(app)
-    app.add_middleware(Gate, get_settings=lambda: state.settings)
+    app.add_middleware(BodyLimit, get_limit=lambda: state.settings.limits.max_body_bytes)
+    app.add_middleware(Gate, get_settings=lambda: state.settings)      # added last: runs first
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -68,17 +70,25 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
         return render(bad_input(str(err)), is_openai_path(request.url.path))
 
     @app.get("/health", summary="Ready (200), loading or stopped (503)",
-             responses={503: {"description": "Loading, or the engine stopped"}})
+             responses={503: {"description": "Loading, the engine stopped, or shutting down"}})
     async def health():
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         if state.engine.is_dead:
             return JSONResponse({"status": "dead", "error": repr(state.engine.error)}, status_code=503)
+        if state.admission.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503, headers={"Retry-After": "1"})
         return {"status": "ok", "model": state.settings.model_names[0], "demo": state.settings.demo}
 
     @app.get("/version", summary="Package version, git commit, torch, CUDA (as `mistral-small --version`)")
     async def version():
         return running
+
+    @app.get("/limits", summary="The server's admission limits and timeouts (read-only)",
+             responses={200: {"model": openapi.LimitsModel, "description": "Each limit; `serve --help` names "
+                                                                        "its flag"}})
+    async def limits():
+        return state.settings.limits.public()
 
     @app.get("/metrics", summary="Prometheus metrics (vLLM's names)",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
@@ -86,3 +96,10 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class App(FastAPI):
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":     # the connection's own send: only this outermost layer sees it
+            scope[CONNECTION] = Connection(send)
+        await super().__call__(scope, receive, send)

@@ -20,6 +20,7 @@ from pathlib import Path
 from engine.config import EngineConfig
 from server.config import ServerSettings
 from server.flags import add_flags, add_sampling_flags, from_args, sampling_from_args
+from server.limits import Limits
 
 DEMO_DIR = Path(os.environ.get("MISTRAL_SMALL_DEMO_DIR", Path.home() / ".cache" / "mistral-small-engine" / "demo"))
 log = logging.getLogger("server")
@@ -84,8 +85,9 @@ def cmd_serve(args) -> int:
 
     from engine.async_llm import AsyncLLM
     from server.app import create_app
+    from server.shutdown import ERROR_EVENTS_S, Server
 
-    settings = from_args(ServerSettings, args)
+    settings = from_args(ServerSettings, args, limits=from_args(Limits, args))
     check_bindable(settings.host, settings.port)
     model, demo = _model(args)
     if demo:
@@ -102,11 +104,14 @@ def cmd_serve(args) -> int:
           f"{str(eng.dtype).removeprefix('torch.')} on {eng.device} | memory {weights / 2**30:.2f} GiB weights + "
           f"{eng.runner.kv_cache.nbytes / 2**30:.2f} GiB KV | KV capacity {eng.runner.capacity_tokens:,} tokens | "
           f"loaded in {eng.load_seconds:.1f} s | http://{settings.host}:{settings.port}", flush=True)
+    # uvicorn's own wait for connections after the drain (server/shutdown.py) is a backstop, never unbounded
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=ERROR_EVENTS_S), app.state.server)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+        server.run()
     finally:
         llm.shutdown()
-    return 0
+    return server.exit_code
 
 
 def cmd_run(args) -> int:
@@ -180,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server (Workers AI + OpenAI routes)")
     _common(serve)
     add_flags(serve, ServerSettings)
+    add_flags(serve, Limits)
     serve.add_argument("--log-level", default="info", help="uvicorn's log level")
     serve.set_defaults(func=cmd_serve)
     run = sub.add_parser("run", help="generate one answer to a prompt, streamed to the terminal")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import option
+from server.limits import Limits
 
 CLOUDFLARE_MODEL = "@cf/mistralai/mistral-small-3.1-24b-instruct"
 HF_MODEL = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
@@ -17,7 +18,6 @@ class ServerSettings:
     model_names: tuple[str, ...] = option((CLOUDFLARE_MODEL, HF_MODEL), "model names the routes answer to; the "
                                           "first is reported in metrics", flag="--served-model-name", nargs="+")
     api_key: str | None = option(None, f"bearer token every API route requires (or env {API_KEY_ENV})")
-    max_queue: int = option(512, "waiting requests beyond this get 429 / 3040")
     stream_padding: bool = option(True, "the random 'p' field of Workers AI stream events")
     host: str = option("127.0.0.1", "address to bind (browsers' Host headers are limited to loopback names "
                        "unless this binds wider)")
@@ -27,6 +27,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] | None = option(None, "Host header values accepted (default: loopback names, "
                                                    "or any when --host binds every interface); '*' = any",
                                                    nargs="*")
+    limits: Limits = field(default_factory=Limits)     # admission limits and timeouts: own flags (server/limits.py)
     demo: bool = False              # serving random weights: said in /v1/models, /health and the log
     model_path: str = ""
 
@@ -36,5 +37,3 @@ class ServerSettings:
                              "omit --api-key to serve without one")
         if not self.model_names:
             raise ValueError("at least one served model name is needed")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be >= 0")

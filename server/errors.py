@@ -10,6 +10,7 @@ the Workers route in the hosted service's style ("Type mismatch of '/temperature
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -22,6 +23,9 @@ NO_SUCH_MODEL = 5007
 CONTEXT_WINDOW = 5021
 AUTH = 10000
 OUT_OF_CAPACITY = 3040
+TOO_LARGE = 3006
+TIMEOUT = 3007
+ABORTED = 3008
 NO_ROUTE = 7000
 BAD_METHOD = 7001
 INTERNAL = 5000
@@ -38,8 +42,8 @@ class ApiError(Exception):
 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 429: "rate_limit_error"}
+                 404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def bad_input(message: str, param: str | None = None) -> ApiError:
@@ -49,6 +53,18 @@ def bad_input(message: str, param: str | None = None) -> ApiError:
 
 def unavailable(message: str) -> ApiError:
     return ApiError(503, OUT_OF_CAPACITY, message, openai_type="server_error", headers={"Retry-After": "1"})
+
+
+def too_large(detail: str, close: bool = False) -> ApiError:
+    """413 / 3006 (Cloudflare's "Request is too large"). `close`: the body was not read to its end, so the
+    connection is closed after the answer rather than reading (and discarding) the rest."""
+    return ApiError(413, TOO_LARGE, f"Request is too large: {detail}", openai_code="request_too_large",
+                    headers={"Connection": "close"} if close else None)
+
+
+def timed_out(detail: str) -> ApiError:
+    """408 / 3007 (Cloudflare's "Request timeout")."""
+    return ApiError(408, TIMEOUT, f"Request timeout: {detail}", openai_code="request_timeout")
 
 
 def cloudflare_body(err: ApiError) -> dict:
@@ -67,8 +83,23 @@ def openai_body(err: ApiError) -> dict:
 
 
 def render(err: ApiError, openai: bool) -> JSONResponse:
-    return JSONResponse(openai_body(err) if openai else cloudflare_body(err), status_code=err.status,
-                        headers=err.headers)
+    return ErrorResponse(openai_body(err) if openai else cloudflare_body(err), status_code=err.status,
+                         headers=err.headers)
+
+
+class ErrorResponse(JSONResponse):
+    """Error bodies quote what the client sent; a lone surrogate in it (JSON's "\\ud800" is valid JSON but not
+    UTF-8) must not make the error itself fail: it is written as U+FFFD."""
+
+    def render(self, content) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def is_openai_path(path: str) -> bool:

@@ -58,8 +58,12 @@ class Metrics:
                                      registry=self.registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", labels,
                                          registry=self.registry)
-        self.success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"],
+        self.success = Counter("vllm:request_success", "Finished requests, by finish reason: stop, length, or "
+                               "abort / error for those that ended early", labels + ["finished_reason"],
                                registry=self.registry)
+        self.ended_early = Counter("mistral_small:requests_ended_early", "Requests that ended before their end, by "
+                                   "why: client_disconnected, client_stalled, timeout, shutdown, error",
+                                   labels + ["reason"], registry=self.registry)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels, buckets=_TTFT,
                               registry=self.registry)
         self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token after the first",
@@ -81,7 +85,9 @@ class RequestTimer:
             self.first_token = time.monotonic()
 
     def finish(self, metrics: Metrics | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
-               finish_reason: str | None, cancelled: bool = False) -> None:
+               finish_reason: str | None, ended_by: str | None = None) -> None:
+        """`finish_reason`: how the engine ended the request (None while it was still running); `ended_by`: why
+        its response ended before the answer was delivered (server/admission.py), None when it was."""
         end = time.monotonic()
         ttft = None if self.first_token is None else self.first_token - self.start
         decode = None if self.first_token is None else end - self.first_token
@@ -95,11 +101,15 @@ class RequestTimer:
                 metrics.ttft.labels(m).observe(ttft)
             if decode is not None and completion_tokens > 1:
                 metrics.tpot.labels(m).observe(decode / (completion_tokens - 1))
-            if not cancelled and finish_reason:
+            if ended_by is not None:
+                metrics.success.labels(m, "error" if ended_by == "error" else "abort").inc()
+                metrics.ended_early.labels(m, ended_by).inc()
+            elif finish_reason:
                 metrics.success.labels(m, finish_reason).inc()
         request_log.info(json.dumps({
             "request_id": self.request_id, "model": metrics.model_name if metrics is not None else None,
             "route": self.route, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "cached_tokens": cached_tokens,
             "ttft_s": None if ttft is None else round(ttft, 4), "e2e_s": round(end - self.start, 4),
-            "tokens_per_s": round(tps, 2), "finish_reason": finish_reason, "cancelled": cancelled}))
+            "tokens_per_s": round(tps, 2), "finish_reason": finish_reason, "cancelled": ended_by is not None,
+            "ended_by": ended_by}))

@@ -7,8 +7,9 @@ The doc page's Swagger UI assets come from the fastapi-offline package: nothing 
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import fastapi_offline
 from fastapi import FastAPI, Request
@@ -16,8 +17,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
+from server.limits import DECODER, Limits
 from server.protocol import BodySchema
 
 DOCS_ASSETS = "/docs/assets"
@@ -142,6 +144,12 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+# GET /limits: the fields of server.limits.Limits, described by their flags' help, and the decoder's bounds
+LimitsModel = create_model("Limits", **{
+    f.name: (get_type_hints(Limits)[f.name], Field(description=f.metadata["help"])) for f in fields(Limits)},
+    **{name: (kind, Field(description=what)) for name, (kind, _, what) in DECODER.items()})
+
+
 _SSE = {"text/event-stream": {"schema": {"description": "Server-sent events ('stream': true): `data: {json}` frames"}}}
 
 
@@ -149,11 +157,18 @@ def _errors(model: type[BaseModel], statuses: dict[int, str]) -> dict:
     return {status: {"model": model, "description": what} for status, what in statuses.items()}
 
 
-_COMMON = {400: "Bad input (the field is named)", 401: "Missing or wrong API key", 403: "Origin or Host not allowed",
-           429: "Waiting queue full (rejectIfBusy, --max-queue)", 500: "Internal error (a request id for the log)",
-           503: "Model loading or engine stopped"}
+_COMMON = {400: "Bad input (the field is named), JSON nested too deeply, too many images or pixels",
+           401: "Missing or wrong API key", 403: "Origin or Host not allowed",
+           408: "Request timeout (--request-timeout); when streaming, an error event instead",
+           413: "Body over --max-body-bytes, or prompt over --max-prompt-chars",
+           429: "Engine slots and queue full (--max-num-seqs + --max-queue), or busy with rejectIfBusy",
+           500: "Internal error (a request id for the log)",
+           503: "Model loading, engine stopped, or the server is shutting down (Retry-After)"}
 WORKERS_RESPONSES = {200: {"model": WorkersEnvelope, "content": _SSE, "description": "The answer"},
-                     **_errors(CloudflareError, {**_COMMON, 413: "Prompt + max_tokens over the context window"})}
+                     **_errors(CloudflareError, {**_COMMON, 413: f"{_COMMON[413]}, or prompt + max_tokens over "
+                                                                  "the context window",
+                                                 404: "No route for that URI (a model path that cannot be routed, "
+                                                      "e.g. with a line break)"})}
 
 
 def chat_responses() -> dict:

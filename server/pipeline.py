@@ -19,7 +19,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from engine.async_llm import AsyncLLM, EngineDeadError, RequestFailed, RequestStream
 from engine.guided import GrammarError
 from engine.image_processor import ImageError
 from engine.llm_engine import ContextWindowError
@@ -27,7 +27,10 @@ from engine.outputs import RequestOutput, TokenLogprob, Usage
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import PromptError
 from engine.tool_calls import ToolCallDelta
-from server.errors import OUT_OF_CAPACITY, ApiError, bad_input, context_window, unavailable
+from server.admission import CLIENT_DISCONNECTED, ERROR, Ticket
+from server.errors import INTERNAL, ApiError, bad_input, context_window, unavailable
+from server.input_limits import check_images, check_text, has_images
+from server.limits import Limits
 from server.metrics import RequestTimer
 from server.structured import OutputSplitter, compile_grammar
 
@@ -93,24 +96,35 @@ class ClientGone(Exception):
 
 async def start(state, req: GenerationRequest) -> Generation:
     """Admit, prepare and queue a request. Every error a client can cause is an ApiError raised here, before
-    anything reaches the engine."""
+    anything reaches the engine. The request holds its admission ticket from here until Generation.close()."""
     llm: AsyncLLM = state.ready_engine()
-    waiting = llm.num_waiting
-    if waiting >= state.settings.max_queue or (req.reject_if_busy and waiting > 0):
-        raise ApiError(429, OUT_OF_CAPACITY, "Capacity temporarily exceeded, please try again.",
-                       headers={"Retry-After": "1"})
+    ticket = state.admission.admit(state.settings.limits, llm.engine.config.max_num_seqs, llm.num_waiting,
+                                   req.reject_if_busy)
+    try:
+        stream = await _prepare(llm, ticket, state.settings.limits, req)
+    except BaseException:
+        ticket.release()
+        raise
+    return Generation(state, req, stream, ticket)
+
+
+async def _prepare(llm: AsyncLLM, ticket: Ticket, limits: Limits, req: GenerationRequest) -> RequestStream:
+    check_text(req.prompt, req.tools, limits)
+    if has_images(req.prompt):      # headers only, but a whole base64 payload may need decoding: off the loop
+        await ticket.run(asyncio.to_thread(check_images, req.prompt, limits))
     params = req.params
     if req.schema is not None or req.tools is not None:
         try:    # the first grammar builds llguidance's tokenizer (seconds): never on the event loop
-            grammar = await asyncio.to_thread(compile_grammar, llm.engine, req.schema, req.tools,
-                                              req.tool_choice or "auto", req.parallel_tool_calls)
+            grammar = await ticket.run(asyncio.to_thread(compile_grammar, llm.engine, req.schema, req.tools,
+                                                         req.tool_choice or "auto", req.parallel_tool_calls))
         except GrammarError as e:
             raise bad_input(str(e), "response_format" if req.schema is not None else "tools") from None
         if grammar is not None:
             params = replace(params, grammar=grammar)
     request_id = _ID_PREFIX.get(req.route, "run-") + uuid.uuid4().hex
     try:
-        stream = await llm.submit(req.prompt, params, request_id=request_id, raw=req.raw, tools=req.tools)
+        return await ticket.run(llm.submit(req.prompt, params, request_id=request_id, raw=req.raw,
+                                           tools=req.tools))
     except (PromptError, ImageError) as e:
         raise bad_input(str(e)) from None
     except EngineDeadError:
@@ -119,31 +133,36 @@ async def start(state, req: GenerationRequest) -> Generation:
         raise context_window(e, req.openai, req.what) from None
     except (ValueError, TypeError) as e:
         raise bad_input(str(e)) from None
-    return Generation(state, req, stream)
 
 
 class Generation:
-    """A request in the engine, followed to its end. `close()` (always called) aborts it if unfinished and
-    records its metrics and log line, once."""
+    """A request in the engine, followed to its end. `close()` (always called) aborts it if unfinished, gives
+    its admission ticket back and records its metrics and log line, once."""
 
-    def __init__(self, state, req: GenerationRequest, stream: RequestStream):
-        self.state, self.req, self.stream = state, req, stream
+    def __init__(self, state, req: GenerationRequest, stream: RequestStream, ticket: Ticket):
+        self.state, self.req, self.stream, self.ticket = state, req, stream, ticket
         self.request_id = stream.request_id
         self.num_prompt_tokens = stream.num_prompt_tokens
         self.timer = RequestTimer(stream.request_id, req.route)
         self.splitter = OutputSplitter(req.calls_tools)
         self._last: RequestOutput | None = None
         self._closed = False
+        ticket.attach(stream.fail)      # timeout, shutdown, a stalled client: abort, and end the stream with it
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        async for out in self.stream:
-            self._last = out
-            if out.delta_token_ids:
-                self.timer.token()
-            content, calls = self.splitter.update(out)
-            finished = self._finished(out) if out.finished else None
-            if content or calls or out.delta_logprobs or finished:
-                yield Delta(0, content, calls, list(out.delta_logprobs), finished)
+        try:
+            async for out in self.stream:
+                self._last = out
+                if out.delta_token_ids:
+                    self.timer.token()
+                content, calls = self.splitter.update(out)
+                finished = self._finished(out) if out.finished else None
+                if content or calls or out.delta_logprobs or finished:
+                    yield Delta(0, content, calls, list(out.delta_logprobs), finished)
+        except (EngineDeadError, RequestFailed) as e:
+            self.ticket.interrupt(ApiError(500, INTERNAL, f"internal error while generating (request id "
+                                                          f"{self.request_id}): {e}"), ERROR)
+            raise self.ticket.error from None
 
     def _finished(self, out: RequestOutput) -> Finished:
         calls, cut = None, False
@@ -173,7 +192,7 @@ class Generation:
             gone.cancel()
         if not task.done():
             task.cancel()
-            self.close()
+            self.close(CLIENT_DISCONNECTED)
             raise ClientGone()
         return task.result()
 
@@ -181,15 +200,18 @@ class Generation:
     def finished(self) -> bool:
         return self._last is not None and self._last.finished
 
-    def close(self) -> None:
+    def close(self, ended_by: str | None = None) -> None:
+        """`ended_by`: why the response ends before the request's end, when the caller knows (a ticket's
+        interruption says it first); an unfinished request with no reason was left by its client."""
         if self._closed:
             return
         self._closed = True
         self.stream.close()
-        out, cancelled = self._last, not self.finished
-        u = out.usage if out is not None else None
+        self.ticket.release()
+        ended_by = None if self.finished else self.ticket.reason or ended_by or CLIENT_DISCONNECTED
+        u = self.stream.usage       # what the engine generated, read by the client or not
         self.timer.finish(self.state.metrics, self.num_prompt_tokens, u.completion_tokens if u else 0,
-                          u.cached_tokens if u else 0, None if cancelled else out.finish_reason, cancelled)
+                          u.cached_tokens if u else 0, self.stream.finish_reason, ended_by)
 
 
 async def _disconnected(request: Request) -> None:

@@ -16,6 +16,7 @@ Unknown fields, by route:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, Literal, Union
 
@@ -54,6 +55,12 @@ def _boolean(v):
 def _string(v):
     if not isinstance(v, str):
         raise PydanticCustomError("string_type", "expected a string")
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:      # JSON's "\ud800" parses, but is no text any tokenizer or reply can hold
+            raise PydanticCustomError("bad_input", "must be valid Unicode text: it holds a lone surrogate "
+                                                   "(an unpaired \\uD800-\\uDFFF escape)") from None
     return v
 
 
@@ -379,20 +386,55 @@ class CompletionRequest(_OpenAIBase):
     logprobs: Int | None = knob(OPENAI, "logprobs")
 
 
+# bodies above this size are parsed in a worker thread: tens of milliseconds would stall every stream
+_THREAD_PARSE_BYTES = 256 * 1024
+
+
 async def parse(request, model: type[BaseModel], openai: bool) -> tuple[BaseModel, dict]:
     """The body as JSON whatever its content-type (curl's -d sends form-urlencoded), validated by `model`.
     Returns the model and the raw object (messages and schemas reach the engine exactly as the client sent
-    them)."""
+    them). The body's size was bounded while it streamed in (server/body_limit.py); its nesting depth is
+    bounded here, before anything recurses into it."""
     raw = await request.body()
     if not raw:
         raise bad_input("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise bad_input(f"the request body is not valid JSON ({e})") from None
+    depth = request.app.state.server.settings.limits.max_json_depth
+    body = await asyncio.to_thread(load_json, raw, depth) if len(raw) > _THREAD_PARSE_BYTES else \
+        load_json(raw, depth)
     if not isinstance(body, dict):
         raise bad_input("the request body must be a JSON object")
     try:
         return model.model_validate(body), body
     except ValidationError as e:
         raise validation_error(e, openai) from None
+
+
+def load_json(raw: bytes, max_depth: int):
+    """json.loads, with nesting deeper than `max_depth` a 400 (never a RecursionError, in the decoder or in
+    whatever walks the value later)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        value = None
+    except ValueError as e:
+        raise bad_input(f"the request body is not valid JSON ({e})") from None
+    else:
+        if json_depth(value, max_depth) <= max_depth:
+            return value
+    raise bad_input(f"the request body nests JSON deeper than {max_depth} levels (--max-json-depth)")
+
+
+def json_depth(value, limit: int) -> int:
+    """Nesting depth of objects and arrays (a flat object is 1), counted without recursion; stops counting
+    once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest

@@ -55,9 +55,12 @@ class LiveServer:
         return self.app.state.server.settings
 
     @contextlib.contextmanager
-    def override(self, **changes):
-        """Other ServerSettings for the duration of a block (the app reads them per request)."""
+    def override(self, limits: dict | None = None, **changes):
+        """Other ServerSettings (and `limits`: other Limits fields) for the duration of a block (the app reads
+        them per request)."""
         old = self.state.settings
+        if limits:
+            changes["limits"] = dataclasses.replace(old.limits, **limits)
         self.state.settings = dataclasses.replace(old, **changes)
         try:
             yield self.state.settings
@@ -87,11 +90,14 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn did not shut down"
 
 
-def start_server(engine: LLMEngine, settings: ServerSettings | None = None, timeout: float = 30.0) -> LiveServer:
+def start_server(engine: LLMEngine, settings: ServerSettings | None = None, timeout: float = 30.0,
+                 wrap=None) -> LiveServer:
+    """`wrap(app)`: an ASGI layer between uvicorn and the app (to observe what the app reads, say)."""
     llm = AsyncLLM(engine=engine)
     app = create_app(llm, settings or ServerSettings())
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(wrap(app) if wrap else app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     end = time.monotonic() + timeout

@@ -30,9 +30,10 @@ def spec(live):
     return httpx.get(live.url + "/openapi.json", timeout=30).json()
 
 
-def metric(url: str, name: str) -> float:
+def metric(url: str, name: str, **labels) -> float:
     text = httpx.get(url + "/metrics", timeout=30).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def test_a_message_streams_in_and_matches_the_servers_answer(live, chromium):
@@ -131,6 +132,7 @@ def test_stop_aborts_the_request_on_the_server(live, chromium, caplog):
     s.send("Tell me everything")
     s.page.wait_for_function("() => document.querySelector('.msg-assistant .body').textContent.length > 20")
     assert metric(live.url, "vllm:num_requests_running") == 1
+    aborted = metric(live.url, "vllm:request_success_total", finished_reason="abort")
     s.page.click("#stop")
     s.wait_replies(1)
     assert s.stat("finish") == "stopped (you)"
@@ -138,6 +140,7 @@ def test_stop_aborts_the_request_on_the_server(live, chromium, caplog):
     while metric(live.url, "vllm:num_requests_running") and time.monotonic() < end:
         time.sleep(0.05)
     assert metric(live.url, "vllm:num_requests_running") == 0
+    assert metric(live.url, "vllm:request_success_total", finished_reason="abort") == aborted + 1
     live.assert_drained()
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "server.requests"]
     assert lines and lines[-1]["cancelled"] is True and lines[-1]["completion_tokens"] < 4000

@@ -635,18 +635,6 @@ def test_auth(live, http):
     assert http.post(RUN, json={"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
-def test_queue_full_429(live, http, cf):
-    with live.override(max_queue=0):
-        r = http.post(RUN, json={"prompt": "hi", "max_tokens": 1})
-        msg = cf_error(r, 429, 3040)
-        assert msg == "Capacity temporarily exceeded, please try again." and r.headers["retry-after"] == "1"
-        err = oai_error(http.post("/v1/chat/completions", json={"messages": HELLO}), 429)
-        assert err["type"] == "rate_limit_error"
-        with pytest.raises(cloudflare.RateLimitError):
-            cf.ai.run(CF, account_id=ACCOUNT, prompt="hi", max_tokens=1)
-    assert http.post(RUN, json={"prompt": "hi", "max_tokens": 1}).status_code == 200
-
-
 def test_unknown_route_and_wrong_method(http):
     r = http.get("/client/v4/accounts/acct/nothing-here")
     assert cf_error(r, 404, 7000) == "No route for that URI" and r.json()["result"] is None
@@ -695,7 +683,8 @@ def test_health_loading_and_engine_death(tiny_dir, no_env_key):
 
             llm.engine.step = broken_step
             r = c.post(RUN, json={"prompt": "hi", "max_tokens": 3})       # in flight when the loop dies
-            assert "request id" in cf_error(r, 500, 5000)
+            msg = cf_error(r, 500, 5000)
+            assert "the engine stopped" in msg or "engine loop died" in msg, msg
             assert "Traceback" not in r.text and "fell over" not in r.text
             r = c.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "dead"

@@ -80,8 +80,9 @@ def check_against_rebuild(runner, sched, step):
 def test_block_table_rows_equal_a_rebuild_after_churn_preemption_and_prefix_hits(tiny_dir):
     alone = make_llm(tiny_dir, enable_prefix_caching=False)
     want = [alone.generate(p, GREEDY)[0].token_ids for p in prompts()]
-    # 20 blocks of 16 tokens and 48-token steps: chunked prefills, preemptions, prefix hits, rows reused
-    llm = make_llm(tiny_dir, kv_cache_memory=20 * 16 * 512, max_num_batched_tokens=48)
+    # 20 blocks of 16 tokens and 48-token steps: chunked prefills, preemptions, prefix hits, rows reused (whole
+    # chunks for long prefills, as this scenario was built: no long-prefill share)
+    llm = make_llm(tiny_dir, kv_cache_memory=20 * 16 * 512, max_num_batched_tokens=48, long_prefill_token_threshold=0)
     runner = llm.engine.runner
     staged, steps = [], []
     stage = runner.inputs.block_table.stage_new_blocks
