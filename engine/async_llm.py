@@ -56,6 +56,13 @@ class AsyncLLM:
         self._command(("add", req))
         return stream
 
+    async def submit_choices(self, prompt, params: SamplingParams | None, n: int, raw: bool = False,
+                             tools: list[dict] | None = None) -> list[RequestStream]:
+        """A prompt's `n` choices (OpenAI's `n`), each its own request; their streams in choice order."""
+        if n == 1:
+            return [await self.submit(prompt, params, raw=raw, tools=tools)]
+        raise NotImplementedError("n > 1")
+
     def _prepare(self, prompt, params, request_id, raw, tools):
         return self.engine.make_request(self.engine.encode(prompt, raw, tools), params, request_id)
 

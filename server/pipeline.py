@@ -38,9 +38,14 @@ class GenerationRequest:
     """What every route asks of the engine, normalized."""
     route: str                              # "workers" | "openai-chat" | "openai-completions": metrics and log
     openai: bool                            # which error wording the route speaks
-    prompt: str | list[dict]                # text (chat template applied unless raw) or chat messages
+    prompts: tuple                          # each a text (chat template applied unless raw), chat messages or
+                                            # token ids (used verbatim)
     params: SamplingParams                  # defaults applied; the grammar is added here
     raw: bool = False
+    add_bos: bool = False                   # raw text prompts get `<s>` first unless they start with it
+    n: int = 1                              # choices per prompt: choice j of prompt p has index p * n + j
+    echo: bool = False                      # each choice starts with its prompt (text, and logprobs if asked)
+    prompt_logprobs: int | None = None      # vLLM's prompt_logprobs, shown as asked
     tools: list[dict] | None = None         # [{name, description, parameters}]
     tool_choice: str | None = None          # "auto" | "none" | "required" | a tool's name; None without tools
     parallel_tool_calls: bool = True
@@ -57,12 +62,14 @@ class GenerationRequest:
 class Finished:
     """How a choice ended, with everything a whole (non-streamed) answer needs."""
     reason: str                             # "stop" | "length" | "cancelled"
-    usage: Usage
+    usage: Usage                            # this choice's
     text: str                               # the whole output text (a JSON-mode answer is this)
     content: str                            # the text before any tool call
     tool_calls: list[dict] | None           # complete calls [{id, name, arguments, arguments_text}]; None: none
-    calls_cut: bool                         # a call began but max_tokens ended it before it was complete
-    logprobs: list[TokenLogprob] | None
+    calls_cut: bool                         # the calls were cut off by max_tokens (complete ones are kept)
+    logprobs: list[TokenLogprob] | None     # with echo, the prompt's first (the very first one's logprob None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None    # vLLM's prompt_logprobs (first None)
+    echo: str = ""                          # the prompt text that `text` starts with when echo was asked
 
 
 @dataclass
@@ -71,8 +78,11 @@ class Delta:
     index: int
     text: str = ""                                          # content (never tool-call JSON)
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    calls_done: list[dict] = field(default_factory=list)    # calls whose arguments completed in this step
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None    # on a choice's first delta, when asked
     finished: Finished | None = None                        # set on the choice's last delta
+    usage: Usage | None = None                              # the request's total, on its very last delta
 
 
 def sampling_params(**fields) -> SamplingParams:
@@ -95,7 +105,7 @@ async def start(state, req: GenerationRequest) -> Generation:
     if waiting >= state.settings.max_queue or (req.reject_if_busy and waiting > 0):
         raise ApiError(429, OUT_OF_CAPACITY, "Capacity temporarily exceeded, please try again.",
                        headers={"Retry-After": "1"})
-    params = req.params
+    params = _with_prompt_logprobs(req)
     if req.schema is not None or req.tools is not None:
         try:    # the first grammar builds llguidance's tokenizer (seconds): never on the event loop
             grammar = await asyncio.to_thread(compile_grammar, llm.engine, req.schema, req.tools,
@@ -104,8 +114,35 @@ async def start(state, req: GenerationRequest) -> Generation:
             raise bad_input(str(e), "response_format" if req.schema is not None else "tools") from None
         if grammar is not None:
             params = replace(params, grammar=grammar)
+    streams: list[RequestStream] = []
     try:
-        stream = await llm.submit(req.prompt, params, raw=req.raw, tools=req.tools)
+        for prompt in req.prompts:
+            streams += await _submit(llm, req, prompt, params)
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    return Generation(state, req, streams)
+
+
+def with_bos(prompt: str) -> str:
+    """A raw text prompt with the tokenizer's BOS first, unless it is there (vLLM's completions)."""
+    return prompt if prompt.startswith("<s>") else "<s>" + prompt
+
+
+def _with_prompt_logprobs(req: GenerationRequest) -> SamplingParams:
+    """The prompt logprobs the engine computes: those shown (prompt_logprobs) and those an echo with logprobs
+    puts in front of the completion's."""
+    wanted = [k for k in (req.prompt_logprobs, req.params.logprobs if req.echo else None) if k is not None]
+    return replace(req.params, prompt_logprobs=max(wanted)) if wanted else req.params
+
+
+async def _submit(llm: AsyncLLM, req: GenerationRequest, prompt, params: SamplingParams) -> list[RequestStream]:
+    """One prompt's n choices, queued together (they share its prefill)."""
+    try:
+        if req.add_bos and isinstance(prompt, str):
+            prompt = with_bos(prompt)
+        return await llm.submit_choices(prompt, params, req.n, raw=req.raw, tools=req.tools)
     except (PromptError, ImageError) as e:
         raise bad_input(str(e)) from None
     except EngineDeadError:
@@ -113,51 +150,91 @@ async def start(state, req: GenerationRequest) -> Generation:
     except ContextWindowError as e:
         raise context_window(e, req.openai, req.what) from None
     except (ValueError, TypeError) as e:
-        raise bad_input(str(e)) from None
-    return Generation(state, req, stream)
+        field = str(e).split(":")[0]
+        raise bad_input(str(e), field if field in SamplingParams.__dataclass_fields__ else None) from None
 
 
 class Generation:
-    """A request in the engine, followed to its end. `close()` (always called) aborts it if unfinished and
-    records its metrics and log line, once."""
+    """A request in the engine — one engine sequence per choice — followed to its end. `close()` (always
+    called) aborts whatever is unfinished and records the metrics and log line, once."""
 
-    def __init__(self, state, req: GenerationRequest, stream: RequestStream):
-        self.state, self.req, self.stream = state, req, stream
-        self.request_id = stream.request_id
-        self.num_prompt_tokens = stream.num_prompt_tokens
-        self.timer = RequestTimer(stream.request_id, req.route)
-        self.splitter = OutputSplitter(req.calls_tools)
-        self._last: RequestOutput | None = None
+    def __init__(self, state, req: GenerationRequest, streams: list[RequestStream]):
+        self.state, self.req, self.streams = state, req, streams
+        self.request_id = streams[0].request_id
+        self.timer = RequestTimer(self.request_id, req.route)
+        self.splitters = [OutputSplitter(req.calls_tools) for _ in streams]
+        self._last: list[RequestOutput | None] = [None] * len(streams)
         self._closed = False
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        async for out in self.stream:
-            self._last = out
+        """Every choice's deltas, interleaved as the engine produces them."""
+        async for k, out in _merged(self.streams):
+            first = self._last[k] is None
+            self._last[k] = out
             if out.delta_token_ids:
                 self.timer.token()
-            content, calls = self.splitter.update(out)
-            finished = self._finished(out) if out.finished else None
-            if content or calls or out.delta_logprobs or finished:
-                yield Delta(0, content, calls, list(out.delta_logprobs), finished)
+            content, calls, done = self.splitters[k].update(out)
+            logprobs = list(out.delta_logprobs)
+            d = Delta(k, content, calls, done, logprobs)
+            if first:
+                self._start(d, out)
+            if out.finished:
+                d.finished = self._finished(k, out)
+                d.usage = self.usage if self.finished else None
+            if d.text or d.tool_calls or d.logprobs or d.prompt_logprobs or d.finished:
+                yield d
 
-    def _finished(self, out: RequestOutput) -> Finished:
+    def _start(self, d: Delta, out: RequestOutput) -> None:
+        """A choice's first delta: its echo and prompt logprobs."""
+        d.prompt_logprobs = self._prompt_logprobs(out)
+        if self.req.echo:
+            d.text = self._echo_text(d.index, out) + d.text
+            if self.req.params.logprobs is not None:
+                d.logprobs = _echo_logprobs(out, self.req.params.logprobs) + d.logprobs
+
+    def _echo_text(self, k: int, out: RequestOutput) -> str:
+        """A text prompt as the client wrote it (without the BOS added to it); token ids detokenized, control
+        tokens included."""
+        prompt = self.req.prompts[k // self.req.n]
+        if isinstance(prompt, str):
+            return prompt
+        return self.state.engine.engine.tokenizer.decode(out.prompt_token_ids, skip_special=False)
+
+    def _finished(self, k: int, out: RequestOutput) -> Finished:
         calls, cut = None, False
-        if self.splitter.has_calls or (self.splitter.tools and out.tool_calls_offset is not None):
-            try:
-                calls = self.splitter.calls()
-            except ValueError:
-                cut = True
-        offset = out.tool_calls_offset if self.splitter.tools else None
+        offset = out.tool_calls_offset if self.req.calls_tools else None
+        if offset is not None:
+            calls, cut = self.splitters[k].calls()
         content = out.text if offset is None else out.text[:offset]
-        return Finished(out.finish_reason, out.usage, out.text, content, calls or None, cut, out.logprobs)
+        logprobs, echo = out.logprobs, ""
+        if self.req.echo:
+            echo = self._echo_text(k, out)
+            if logprobs is not None:
+                logprobs = _echo_logprobs(out, self.req.params.logprobs) + logprobs
+        return Finished(out.finish_reason, out.usage, echo + out.text, content, calls or None, cut, logprobs,
+                        self._prompt_logprobs(out), echo)
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[TokenLogprob | None] | None:
+        k = self.req.prompt_logprobs
+        if k is None:
+            return None
+        return [None] + [replace(lp, top=lp.top[:k]) for lp in out.prompt_logprobs[1:]]
+
+    @property
+    def usage(self) -> Usage:
+        """The request's usage: each prompt counted once (its first choice's), the completions summed."""
+        outs = [o for o in self._last if o is not None]
+        leaders = [o for k, o in enumerate(self._last) if o is not None and k % self.req.n == 0]
+        return Usage(sum(o.usage.prompt_tokens for o in leaders), sum(o.usage.completion_tokens for o in outs),
+                     sum(o.usage.cached_tokens for o in leaders))
 
     async def collect(self, request: Request) -> list[Finished]:
-        """Run to the end, racing the client's disconnect (ClientGone)."""
+        """Run to the end, racing the client's disconnect (ClientGone); the answers in choice order."""
         async def consume():
-            done = []
+            done = [None] * len(self.streams)
             async for d in self.deltas():
                 if d.finished is not None:
-                    done.append(d.finished)
+                    done[d.index] = d.finished
             return done
 
         task = asyncio.create_task(consume())
@@ -174,17 +251,61 @@ class Generation:
 
     @property
     def finished(self) -> bool:
-        return self._last is not None and self._last.finished
+        return all(o is not None and o.finished for o in self._last)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self.stream.close()
-        out, cancelled = self._last, not self.finished
-        u = out.usage if out is not None else None
-        self.timer.finish(self.state.metrics, self.num_prompt_tokens, u.completion_tokens if u else 0,
-                          u.cached_tokens if u else 0, None if cancelled else out.finish_reason, cancelled)
+        for s in self.streams:
+            s.close()
+        cancelled = not self.finished
+        u = self.usage
+        reasons = {o.finish_reason for o in self._last if o is not None and o.finished}
+        reason = None if cancelled else "length" if "length" in reasons else reasons.pop()
+        prompt_tokens = u.prompt_tokens or sum(s.num_prompt_tokens for s in self.streams[::self.req.n])
+        self.timer.finish(self.state.metrics, prompt_tokens, u.completion_tokens, u.cached_tokens, reason,
+                          cancelled)
+
+
+def _echo_logprobs(out: RequestOutput, k: int) -> list[TokenLogprob]:
+    """The prompt's tokens as completion logprobs: the first has no logprob (nothing precedes it)."""
+    lps = out.prompt_logprobs or []
+    head = [TokenLogprob(out.prompt_token_ids[0], None, None)]
+    return head + [TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for lp in lps[1:]]
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from several engine streams as they arrive; one stream needs no tasks."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((k, out))
+        except BaseException as e:      # noqa: BLE001 - the consumer raises it
+            queue.put_nowait((k, e))
+        else:
+            queue.put_nowait((k, None))
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            k, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _disconnected(request: Request) -> None:

@@ -35,8 +35,8 @@ class Renderer(Protocol):
     def error(self, err: ApiError) -> str:
         """The one frame that ends a stream with an error."""
 
-    def whole(self, answers: list[Finished]) -> Response:
-        """The non-streamed response."""
+    def whole(self, answers: list[Finished], usage: Usage) -> Response:
+        """The non-streamed response: every choice's answer, and the request's usage."""
 
 
 async def respond(gen: Generation, request: Request, renderer: Renderer, stream: bool) -> Response:
@@ -47,7 +47,7 @@ async def respond(gen: Generation, request: Request, renderer: Renderer, stream:
     except ClientGone:
         return JSONResponse({}, status_code=499)
     try:
-        return renderer.whole(answers)
+        return renderer.whole(answers, gen.usage)
     finally:
         gen.close()
 
