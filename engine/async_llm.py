@@ -64,10 +64,13 @@ class AsyncLLM:
 
     async def submit_choices(self, prompt, params: SamplingParams | None, n: int, raw: bool = False,
                              tools: list[dict] | None = None) -> list[RequestStream]:
-        """A prompt's `n` choices (OpenAI's `n`), each its own request; their streams in choice order."""
-        if n == 1:
-            return [await self.submit(prompt, params, raw=raw, tools=tools)]
-        raise NotImplementedError("n > 1")
+        """A prompt's `n` choices (OpenAI's `n`), each its own request, queued together: the prompt is
+        prefilled once (the later choices take its blocks from the prefix cache). Their streams, in choice
+        order; closing one aborts only its choice."""
+        self._check_alive()
+        reqs = await asyncio.to_thread(self.engine.process_choices, prompt, params, n, uuid.uuid4().hex, raw,
+                                       tools)
+        return [self.submit_request(req) for req in reqs]
 
     def _check_alive(self) -> None:
         if self.error is not None:

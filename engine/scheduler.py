@@ -2,7 +2,8 @@
 
 Running requests go first, each getting what it lacks (one token when decoding, a chunk when its prefill is
 unfinished), so a long prompt is prefilled in chunks between other requests' decode steps. Waiting requests
-are admitted afterwards in arrival order, reusing cached prefix blocks. When the pool cannot hold a running
+are admitted afterwards in arrival order, reusing cached prefix blocks; the later choices of one prompt (OpenAI's
+`n`) are held until the first has computed the prompt, so it is prefilled once. When the pool cannot hold a running
 request's next tokens, the most recently admitted running request is preempted: its blocks are released and
 it waits again at the head of the queue, to be recomputed later (same tokens, same random stream).
 """
@@ -79,9 +80,16 @@ class Scheduler:
         if out.preempted:                       # the pool is full: admitting anyone would thrash
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
             return out
+        held = []                               # later choices whose prompt is still being prefilled
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            prefix = self.block_manager.lookup(req) if req.num_computed_tokens == 0 else []
+            if self._awaits_leader(req):
+                held.append(self.waiting.popleft())
+                continue
+            # prompt logprobs are computed by the model, never taken from the cache (the K/V such a request
+            # computes is what any request would, so its blocks are offered to the cache as usual)
+            cached = req.num_computed_tokens == 0 and req.params.prompt_logprobs is None
+            prefix = self.block_manager.lookup(req) if cached else []
             n = min(req.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if not self.block_manager.allocate(req, n, prefix):
                 break
@@ -92,7 +100,20 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         return out
+
+    def _awaits_leader(self, req: Request) -> bool:
+        """Whether a later choice of a prompt (OpenAI's `n`) must wait: its first choice is admitted but has
+        not yet computed the prompt's full blocks, which it will then find in the prefix cache."""
+        leader = req.prefill_leader
+        if leader is None or req.status != RequestStatus.WAITING:
+            return False
+        if leader.status == RequestStatus.WAITING:
+            return True
+        bs = self.block_manager.block_size
+        full = (leader.num_prompt_tokens - 1) // bs * bs     # what a lookup can hit: the last token is computed
+        return leader.status == RequestStatus.RUNNING and leader.num_computed_tokens < full
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.release(req)

@@ -164,6 +164,7 @@ class Generation:
         self.timer = RequestTimer(self.request_id, req.route)
         self.splitters = [OutputSplitter(req.calls_tools) for _ in streams]
         self._last: list[RequestOutput | None] = [None] * len(streams)
+        self._prompt_lps: list = [None] * len(req.prompts)     # computed by each prompt's first choice
         self._closed = False
 
     async def deltas(self) -> AsyncIterator[Delta]:
@@ -171,6 +172,8 @@ class Generation:
         async for k, out in _merged(self.streams):
             first = self._last[k] is None
             self._last[k] = out
+            if out.prompt_logprobs is not None:
+                self._prompt_lps[k // self.req.n] = out.prompt_logprobs
             if out.delta_token_ids:
                 self.timer.token()
             content, calls, done = self.splitters[k].update(out)
@@ -186,11 +189,11 @@ class Generation:
 
     def _start(self, d: Delta, out: RequestOutput) -> None:
         """A choice's first delta: its echo and prompt logprobs."""
-        d.prompt_logprobs = self._prompt_logprobs(out)
+        d.prompt_logprobs = self._prompt_logprobs(d.index)
         if self.req.echo:
             d.text = self._echo_text(d.index, out) + d.text
             if self.req.params.logprobs is not None:
-                d.logprobs = _echo_logprobs(out, self.req.params.logprobs) + d.logprobs
+                d.logprobs = self._echo_logprobs(d.index, out) + d.logprobs
 
     def _echo_text(self, k: int, out: RequestOutput) -> str:
         """A text prompt as the client wrote it (without the BOS added to it); token ids detokenized, control
@@ -210,15 +213,22 @@ class Generation:
         if self.req.echo:
             echo = self._echo_text(k, out)
             if logprobs is not None:
-                logprobs = _echo_logprobs(out, self.req.params.logprobs) + logprobs
+                logprobs = self._echo_logprobs(k, out) + logprobs
         return Finished(out.finish_reason, out.usage, echo + out.text, content, calls or None, cut, logprobs,
-                        self._prompt_logprobs(out), echo)
+                        self._prompt_logprobs(k), echo)
 
-    def _prompt_logprobs(self, out: RequestOutput) -> list[TokenLogprob | None] | None:
-        k = self.req.prompt_logprobs
-        if k is None:
+    def _prompt_logprobs(self, k: int) -> list[TokenLogprob | None] | None:
+        """Choice k's prompt logprobs as asked (prompt_logprobs alternatives each)."""
+        n = self.req.prompt_logprobs
+        if n is None:
             return None
-        return [None] + [replace(lp, top=lp.top[:k]) for lp in out.prompt_logprobs[1:]]
+        return [None] + [replace(lp, top=lp.top[:n]) for lp in self._prompt_lps[k // self.req.n][1:]]
+
+    def _echo_logprobs(self, k: int, out: RequestOutput) -> list[TokenLogprob]:
+        """The prompt's tokens as completion logprobs (`logprobs` alternatives each); the first has none."""
+        n = self.req.params.logprobs
+        head = TokenLogprob(out.prompt_token_ids[0], None, None)
+        return [head] + [replace(lp, top=lp.top[:n], rank=None) for lp in self._prompt_lps[k // self.req.n][1:]]
 
     @property
     def usage(self) -> Usage:
@@ -266,13 +276,6 @@ class Generation:
         prompt_tokens = u.prompt_tokens or sum(s.num_prompt_tokens for s in self.streams[::self.req.n])
         self.timer.finish(self.state.metrics, prompt_tokens, u.completion_tokens, u.cached_tokens, reason,
                           cancelled)
-
-
-def _echo_logprobs(out: RequestOutput, k: int) -> list[TokenLogprob]:
-    """The prompt's tokens as completion logprobs: the first has no logprob (nothing precedes it)."""
-    lps = out.prompt_logprobs or []
-    head = [TokenLogprob(out.prompt_token_ids[0], None, None)]
-    return head + [TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for lp in lps[1:]]
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
