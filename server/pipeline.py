@@ -150,8 +150,9 @@ async def _submit(llm: AsyncLLM, req: GenerationRequest, prompt, params: Samplin
     except ContextWindowError as e:
         raise context_window(e, req.openai, req.what) from None
     except (ValueError, TypeError) as e:
-        field = str(e).split(":")[0]
-        raise bad_input(str(e), field if field in SamplingParams.__dataclass_fields__ else None) from None
+        field = str(e).split(":")[0]      # the engine names the field it refuses ("logit_bias: ...")
+        raise bad_input(str(e), field if field in (*SamplingParams.__dataclass_fields__, "prompt") else None) \
+            from None
 
 
 class Generation:
