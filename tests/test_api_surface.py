@@ -165,11 +165,11 @@ def test_workers_tool_choice_is_honoured(live, http, monkeypatch):
     """Cloudflare's AI SDK provider sends tool_choice: it shapes the grammar the engine decodes under."""
     seen = []
 
-    async def spy(prompt, params=None, request_id=None, raw=False, tools=None):
+    async def spy(prompt, params, n, raw=False, tools=None):
         seen.append(params.grammar)
         raise ValueError("captured by the test")
 
-    monkeypatch.setattr(live.llm, "submit", spy)
+    monkeypatch.setattr(live.llm, "submit_choices", spy)
     tool = {"name": "get_weather", "description": "Weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
     for choice in ("auto", "required", "none", {"type": "function", "function": {"name": "get_weather"}}):

@@ -93,11 +93,11 @@ def captured(live, monkeypatch):
     """Record what reaches the engine instead of running it (the request then fails with 400 'captured')."""
     seen = []
 
-    async def spy(prompt, params=None, request_id=None, raw=False, tools=None):
-        seen.append(SimpleNamespace(prompt=prompt, params=params, raw=raw, tools=tools))
+    async def spy(prompt, params, n, raw=False, tools=None):
+        seen.append(SimpleNamespace(prompt=prompt, params=params, n=n, raw=raw, tools=tools))
         raise ValueError("captured by the test")
 
-    monkeypatch.setattr(live.llm, "submit", spy)
+    monkeypatch.setattr(live.llm, "submit_choices", spy)
     return seen
 
 
