@@ -104,16 +104,13 @@ class Scheduler:
         return out
 
     def _awaits_leader(self, req: Request) -> bool:
-        """Whether a later choice of a prompt (OpenAI's `n`) must wait: its first choice is admitted but has
-        not yet computed the prompt's full blocks, which it will then find in the prefix cache."""
+        """Whether a later choice of a prompt (OpenAI's `n`) must wait: until its first choice has prefilled the
+        prompt (and so produced its first output, prompt logprobs included), whose full blocks it then finds
+        in the prefix cache."""
         leader = req.prefill_leader
         if leader is None or req.status != RequestStatus.WAITING:
             return False
-        if leader.status == RequestStatus.WAITING:
-            return True
-        bs = self.block_manager.block_size
-        full = (leader.num_prompt_tokens - 1) // bs * bs     # what a lookup can hit: the last token is computed
-        return leader.status == RequestStatus.RUNNING and leader.num_computed_tokens < full
+        return leader.first_token_time is None and not leader.is_finished
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.release(req)

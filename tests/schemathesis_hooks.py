@@ -3,6 +3,7 @@
 import schemathesis
 
 MAX_TOKENS = 4
+MAX_CHOICES = 2         # n: each choice is a sequence of its own
 
 
 @schemathesis.hook
@@ -13,5 +14,8 @@ def before_call(context, case, kwargs):
             v = body.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and v > MAX_TOKENS:
                 body[key] = MAX_TOKENS
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > MAX_CHOICES:
+            body["n"] = MAX_CHOICES
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = MAX_TOKENS
