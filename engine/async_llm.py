@@ -84,6 +84,16 @@ class AsyncLLM:
         self._command(("add", req))
         return stream
 
+    async def submit_choices(self, prompt, params: SamplingParams | None, n: int, request_id: str | None = None,
+                             raw: bool = False, tools: list[dict] | None = None) -> list[RequestStream]:
+        """A prompt's `n` choices (OpenAI's `n`), each its own request, queued together: the prompt is
+        prefilled once (the later choices take its blocks from the prefix cache). Their streams, in choice
+        order; closing one aborts only its choice."""
+        self._check_alive()
+        reqs = await asyncio.to_thread(self.engine.process_choices, prompt, params, n,
+                                       request_id or uuid.uuid4().hex, raw, tools)
+        return [self.submit_request(req) for req in reqs]
+
     def _check_alive(self) -> None:
         if self.error is not None:
             raise EngineDeadError(f"the engine loop died: {self.error!r}")
@@ -182,12 +192,13 @@ class StepDelta:
     usage: Usage
     tool_calls_offset: int | None
     with_logprobs: bool = False
+    prompt_logprobs: list | None = None     # set once, from the request's first output (never changed after)
 
     @classmethod
     def of(cls, out: RequestOutput) -> StepDelta:
         # the engine reuses out's delta lists: copy them (one step's worth), never the cumulative fields
         return cls(out.delta_text, list(out.delta_token_ids), list(out.delta_logprobs), out.finish_reason,
-                   out.usage, out.tool_calls_offset, out.logprobs is not None)
+                   out.usage, out.tool_calls_offset, out.logprobs is not None, out.prompt_logprobs)
 
     def merge(self, later: StepDelta) -> None:
         self.text += later.text
@@ -196,6 +207,8 @@ class StepDelta:
         self.finish_reason, self.usage = later.finish_reason, later.usage
         if self.tool_calls_offset is None:
             self.tool_calls_offset = later.tool_calls_offset
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
 
 
 class RequestStream:
@@ -256,6 +269,8 @@ class RequestStream:
         out.finish_reason, out.usage = d.finish_reason, d.usage
         if out.tool_calls_offset is None:
             out.tool_calls_offset = d.tool_calls_offset
+        if out.prompt_logprobs is None:
+            out.prompt_logprobs = d.prompt_logprobs
         return out
 
     def _end(self) -> None:

@@ -76,14 +76,20 @@ class EngineCore:
         return outputs
 
     def _append(self, req: Request, sampled: SampledTokens, row: int) -> CoreOutput:
+        first = req.first_token_time is None
+        if first:
+            req.first_token_time = time.monotonic()
+        if req.max_tokens == 0:         # the prompt only (scored): its row was sampled, the token is not kept
+            self.finish(req.request_id, "length")
+            return CoreOutput(req.request_id, None, "length", req.num_cached_tokens,
+                              prompt_logprobs=req.prompt_logprobs)
         token = sampled.token_ids[row]
         req.append_output(token)
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
         reason = self._stop_reason(req, token)
         if reason is not None:
             self.finish(req.request_id, reason)
-        out = CoreOutput(req.request_id, token, reason, req.num_cached_tokens)
+        out = CoreOutput(req.request_id, token, reason, req.num_cached_tokens,
+                         prompt_logprobs=req.prompt_logprobs if first else None)
         if sampled.logprobs is not None:
             out.logprob = sampled.logprobs[row]
         if sampled.top_ids is not None:

@@ -83,7 +83,9 @@ class GrammarCompiler:
 
     def tool_calls(self, tools: list[dict], choice: str | None = "auto", parallel: bool = True) -> str:
         """tools: [{name, parameters}] (OpenAI `function` objects). choice: "auto" (text, or calls), "required"
-        (calls), "none" (text only, [TOOL_CALLS] impossible) or a tool name (calls of that tool only)."""
+        (one or more calls; the answer may end after any complete one), "none" (text only, [TOOL_CALLS]
+        impossible) or a tool name (exactly one call of that tool, then the answer ends). parallel=False: one
+        call at most."""
         if choice == "none":
             return self._cache(llg.LLMatcher.grammar_from_lark("start: TEXT\nTEXT: /(.|\\n)+/\n"))
         if choice not in ("auto", "required"):
@@ -100,7 +102,7 @@ class GrammarCompiler:
                           "required": ["name", "arguments"], "additionalProperties": False})
         array = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
                  "x-guidance": JSON_OPTIONS}
-        if not parallel:
+        if not parallel or choice not in ("auto", "required"):
             array["maxItems"] = 1
         body = f"calls: <[{TOOL_CALLS_ID}]> %json {json.dumps(array)}\n"
         start = "start: calls\n" if choice != "auto" else "start: TEXT | calls\nTEXT: /(.|\\n)+/\n"

@@ -9,6 +9,8 @@ loop, and the engine thread only queues the finished Request.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import secrets
 import threading
@@ -48,6 +50,22 @@ class InputProcessor:
         never run (ContextWindowError) or is malformed (PromptError, ImageError, GrammarError, ValueError)."""
         return self.make_request(self.encode(prompt, raw, tools), params, request_id)
 
+    def process_choices(self, prompt, params: SamplingParams | None, n: int, request_id: str | None = None,
+                        raw: bool = False, tools: list[dict] | None = None) -> list[Request]:
+        """OpenAI's `n`: one request per choice, all of the same prompt (encoded once). Choice j's seed derives
+        from the request's (choice 0 keeps it), so every choice is reproducible and they differ. Choices after
+        the first wait for its prefill and share its blocks; only the first computes prompt logprobs (they
+        are the same for all)."""
+        params = params or SamplingParams()
+        enc = self.encode(prompt, raw, tools)
+        first = self.make_request(enc, params, request_id)
+        reqs = [first]
+        for j in range(1, n):
+            p = dataclasses.replace(params, seed=choice_seed(params.seed, j), prompt_logprobs=None)
+            reqs.append(self.make_request(enc, p, f"{first.request_id}-{j}"))
+            reqs[-1].prefill_leader = first
+        return reqs
+
     def encode(self, prompt, raw: bool = False, tools: list[dict] | None = None) -> EncodedPrompt:
         """str: one user message through the chat template (raw=True: verbatim); a list of message dicts: a chat;
         an EncodedPrompt or a list of token ids: used as is."""
@@ -64,6 +82,9 @@ class InputProcessor:
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             return self.tokenizer.encode_chat(prompt, tools)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            bad = next((t for t in prompt if not 0 <= t < self.tokenizer.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt: {bad} is not a token id (the vocabulary has {self.tokenizer.vocab_size})")
             if self.tokenizer.image_token_id in prompt:
                 raise ValueError("token-id prompts cannot contain [IMG] tokens: images need the chat format")
             return EncodedPrompt(list(prompt))
@@ -81,6 +102,10 @@ class InputProcessor:
                 f"The estimated number of input and maximum output tokens ({n + params.max_tokens}) exceeded "
                 f"this model context window limit ({window}): {n} prompt tokens + max_tokens "
                 f"{params.max_tokens}", n, params.max_tokens, window)
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: {bad} is not a token id (the vocabulary has {vocab})")
         need = cdiv(n + params.max_tokens, bs)
         if need > self.num_blocks:
             raise ContextWindowError(
@@ -134,3 +159,10 @@ class InputProcessor:
                 raise ValueError("image placeholder count does not match the image size")
             out.append(ImageInput(pixels, image_hash(pixels), int(s), int(e), positions))
         return out
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """The seed of choice j of a request seeded `seed` (choice 0: `seed` itself); None stays None (drawn)."""
+    if seed is None or j == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{j}".encode()).digest()[:8], "big") >> 1

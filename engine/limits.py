@@ -13,6 +13,9 @@ from dataclasses import dataclass
 MAX_SEED = 2**63 - 1     # fits an int64 tensor
 MAX_LOGPROBS = 20        # OpenAI's top_logprobs ceiling
 MAX_STOP = 16            # stop strings per request
+MAX_N = 16               # choices per prompt (OpenAI's `n`): each is its own sequence sharing the prompt's blocks
+MAX_PROMPTS = 64         # prompts in one /v1/completions request (a list of strings or of token-id lists)
+LOGIT_BIAS = 100         # OpenAI's logit_bias values lie in [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ def _num(v: float) -> str:
 
 # What the engine itself accepts (engine.sampling_params.SamplingParams)
 ENGINE = {
-    "max_tokens": Range(1, None, True),
+    "max_tokens": Range(0, None, True),     # 0: the prompt only (its logprobs), nothing generated
     "temperature": Range(0, None),
     "top_p": Range(0, None),
     "top_k": Range(-1, None, True),
@@ -52,11 +55,13 @@ ENGINE = {
     "frequency_penalty": Range(-2, 2),
     "presence_penalty": Range(-2, 2),
     "logprobs": Range(0, MAX_LOGPROBS, True),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS, True),
+    "logit_bias": Range(-LOGIT_BIAS, LOGIT_BIAS),
 }
 
 # The hosted Workers AI schema (contract.md §2.1)
 WORKERS = {
-    "max_tokens": ENGINE["max_tokens"],
+    "max_tokens": Range(1, None, True),
     "temperature": Range(0, 5),
     "top_p": Range(0, 2),
     "top_k": Range(1, 50, True),
@@ -82,5 +87,6 @@ OPENAI = {
     "top_logprobs": ENGINE["logprobs"],
     "logprobs": Range(0, 5, True),          # /v1/completions: OpenAI's legacy limit
     "min_tokens": Range(0, None, True),     # and <= max_tokens, checked with it
-    "n": Range(1, 1, True),
+    "n": Range(1, MAX_N, True),
+    "prompt_logprobs": ENGINE["prompt_logprobs"],    # vLLM's: the prompt tokens' logprobs and alternatives
 }

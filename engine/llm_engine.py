@@ -90,6 +90,11 @@ class LLMEngine:
         """All the CPU work of a request, without touching engine state (safe from any thread)."""
         return self.input_processor.process(prompt, params, request_id, raw, tools)
 
+    def process_choices(self, prompt, params: SamplingParams | None, n: int, request_id: str | None = None,
+                        raw: bool = False, tools: list[dict] | None = None) -> list[Request]:
+        """OpenAI's `n`: the requests of a prompt's n choices (thread-safe, like `process`)."""
+        return self.input_processor.process_choices(prompt, params, n, request_id, raw, tools)
+
     def encode(self, prompt, raw: bool = False, tools: list[dict] | None = None) -> EncodedPrompt:
         return self.input_processor.encode(prompt, raw, tools)
 

@@ -21,6 +21,7 @@ from engine.guided import apply_bitmask, fill_bitmask
 from engine.input_batch import InputBatch
 from engine.layers.quant_matmul import MAX_ROWS
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
+from engine.prompt_logprobs import PromptLogprobs
 from engine.quant import FP8
 from engine.request import Request
 from engine.sampler import SampledTokens, Sampler
@@ -143,14 +144,18 @@ class ModelRunner:
                                      ctx.block_tables)
         else:
             hidden = self.model(step.input_ids, step.positions, ctx, torch.cat(embeds) if embeds else None)
+        prompt_logprobs = PromptLogprobs(self.model, sched, hidden)
         if not step.samplers:
+            prompt_logprobs.store()
             return None
         logits = self.model.compute_logits(hidden[step.logits_rows]).float()
         guided = self._stage_grammar_masks(step.samplers, logits.shape[-1])
         batch = self.inputs.sampling_batch(step.samplers, self.eos_id, logits.shape[-1])  # flushes the masks too
         if guided is not None:
             apply_bitmask(logits, *guided)
-        return self.inputs.finish(self.sampler(logits, batch))
+        sampled = self.inputs.finish(self.sampler(logits, batch))
+        prompt_logprobs.store()
+        return sampled
 
     def _stage_grammar_masks(self, reqs: list[Request], vocab_size: int):
         """(rows, bitmask) device tensors for the guided requests, staged for the next flush; None if none.

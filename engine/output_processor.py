@@ -130,6 +130,12 @@ class OutputProcessor:
     def _append(self, state: RequestState, co: CoreOutput) -> bool:
         """Returns whether a stop string ended the request at this token."""
         out, p, token = state.output, state.params, co.token_id
+        if co.prompt_logprobs is not None:
+            out.prompt_logprobs = prompt_logprobs(out.prompt_token_ids, co.prompt_logprobs, p.prompt_logprobs)
+        if token is None:               # a prompt only scored: nothing was generated
+            out.delta_text, out.delta_token_ids, out.delta_logprobs = "", [], []
+            self._finish(state, co.finish_reason, co.num_cached_tokens)
+            return False
         out.delta_text, out.delta_token_ids, out.delta_logprobs = "", [token], []
         out.token_ids.append(token)
         if p.logprobs is not None:
@@ -160,3 +166,12 @@ class OutputProcessor:
             out.text += rest
         out.finish_reason = reason
         out.usage = Usage(state.num_prompt_tokens, len(out.token_ids), num_cached_tokens)
+
+
+def prompt_logprobs(prompt: list[int], values: list[tuple | None], k: int) -> list[TokenLogprob | None]:
+    """The core's per-position (logprob, rank, top ids, top logprobs) as TokenLogprobs; the first is None."""
+    out: list[TokenLogprob | None] = [None]
+    for token, v in zip(prompt[1:], values[1:]):
+        lp, rank, top_ids, top_lps = v
+        out.append(TokenLogprob(token, lp, list(zip(top_ids[:k], top_lps[:k])), rank))
+    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass
 class CoreOutput:
     request_id: str
-    token_id: int
+    token_id: int | None                    # None: a prompt only scored (max_tokens 0) ended, nothing sampled
     # "stop" (EOS, a stop token id, grammar complete) or "length" when the core ended the request at this
     # token; stop strings are found later, in text, by the output processor
     finish_reason: str | None
@@ -23,6 +23,9 @@ class CoreOutput:
     top_ids: list[int] | None = None        # the step's top-K alternatives (K = the batch's largest request)
     top_logprobs: list[float] | None = None
     error: str | None = None                # finish_reason "error": this request's own processing failed
+    # with the request's first output, when it asked for prompt logprobs: per prompt position None (the first)
+    # or (logprob, rank, top ids, top logprobs) (engine/prompt_logprobs.py)
+    prompt_logprobs: list[tuple | None] | None = None
 
 
 @dataclass
@@ -39,8 +42,9 @@ class Usage:
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)   # (token id, logprob), most likely first
+    logprob: float | None                   # None: a prompt's first token (nothing precedes it)
+    top: list[tuple[int, float]] | None = field(default_factory=list)   # (token id, logprob), most likely first
+    rank: int | None = None                 # prompt logprobs: 1 + how many tokens were more likely
 
 
 @dataclass
@@ -56,6 +60,8 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     logprobs: list[TokenLogprob] | None = None
     tool_calls_offset: int | None = None  # where in `text` the [TOOL_CALLS] token came: tool-call JSON follows
+    # params.prompt_logprobs: per prompt token, None for the first, from the first output on
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # what this step added (for streaming)
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -64,6 +64,13 @@ class Request:
         self.num_hashed_blocks = 0              # leading blocks already offered to the prefix cache
         self.num_preemptions = 0
         self.finish_reason: str | None = None
+        # OpenAI's `n`: a later choice of a prompt waits until the first one (its leader) has computed the
+        # prompt's blocks, then takes them from the prefix cache (engine/scheduler.py)
+        self.prefill_leader: Request | None = None
+        # params.prompt_logprobs: per prompt position q >= 1, (logprob, rank, top ids, top logprobs) of token q,
+        # filled by the model runner chunk by chunk (a recomputed chunk writes the same values again)
+        self.prompt_logprobs: list[tuple | None] | None = \
+            [None] * n if params.prompt_logprobs is not None else None
 
     def append_output(self, token_id: int) -> None:
         if self.num_tokens == len(self._tokens):

@@ -1,6 +1,6 @@
 """Batched token sampling with per-row parameters (vLLM/OpenAI order):
 
-min_tokens ban -> repetition penalty -> frequency/presence penalties -> (greedy rows: argmax)
+logit_bias -> min_tokens ban -> repetition penalty -> frequency/presence penalties -> (greedy rows: argmax)
 -> temperature -> top-k -> top-p -> exponential-race sampling with counter-based noise.
 
 Per-row parameters are built on the host in `SamplingBatch.make` and uploaded through the engine's staging
@@ -40,6 +40,8 @@ class SamplingBatch:
     greedy: torch.Tensor               # [B] bool
     ban_idx: torch.Tensor | None       # [N] flat indices (row * vocab_size + token) of EOS/stop ids banned by
     #                                    min_tokens; None = none
+    bias_idx: torch.Tensor | None      # [M] flat indices of logit_bias entries; None = no row has one
+    bias: torch.Tensor | None          # [M] float32, the biases added there
     vocab_size: int
     all_greedy: bool                   # host-side flags: skip whole stages without asking the device
     use_top_k: bool
@@ -61,6 +63,7 @@ class SamplingBatch:
         banned = [r * V + t for r, (p, n) in enumerate(zip(params, num_outputs)) if n < p.min_tokens
                   for t in sorted({eos_id, *p.stop_token_ids}) if 0 <= t < V]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
+        biased = [(r * V + t, b) for r, p in enumerate(params) for t, b in p.logit_bias if t < V]
         return cls(
             temperature=put([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
             top_p=put([p.top_p for p in params], torch.float32),
@@ -73,6 +76,8 @@ class SamplingBatch:
             steps=put(num_outputs, torch.int64),
             greedy=put(greedy, torch.bool),
             ban_idx=put(banned, torch.int64) if banned else None, vocab_size=V,
+            bias_idx=put([i for i, _ in biased], torch.int64) if biased else None,
+            bias=put([b for _, b in biased], torch.float32) if biased else None,
             all_greedy=all(greedy),
             use_top_k=any(0 < p.top_k < V and not g for p, g in zip(params, greedy)),
             use_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
@@ -146,8 +151,11 @@ class SampledTokens:
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """min_tokens ban, repetition penalty, frequency/presence penalties; returns a new [B, V] tensor."""
+    """logit_bias (OpenAI's: added to the logits), min_tokens ban, repetition penalty, frequency/presence
+    penalties; returns a new [B, V] tensor."""
     logits = logits.float().clone()
+    if batch.bias_idx is not None:
+        logits.view(-1).index_add_(0, batch.bias_idx, batch.bias)
     if batch.ban_idx is not None:
         logits.view(-1).index_fill_(0, batch.ban_idx, float("-inf"))
     if batch.use_seen:

@@ -14,7 +14,7 @@ class SamplingParams:
     """The union of what the hosted Workers AI schema and the OpenAI API accept; each HTTP route checks its own
     narrower ranges before building one. Edge values and what they mean:
 
-    - max_tokens >= 1 (hosted default 256).
+    - max_tokens >= 0 (hosted default 256). 0 generates nothing: the prompt is only scored (prompt_logprobs).
     - temperature >= 0 (hosted default 0.15). 0 = greedy. Values above 2 are valid (the hosted schema allows up
       to 5): temperature 5 flattens the distribution towards uniform, and the math stays finite (no NaN).
     - top_p >= 0. Values >= 1 turn nucleus sampling off (the hosted schema allows up to 2). 0 keeps only the most
@@ -31,6 +31,10 @@ class SamplingParams:
     - min_tokens in [0, max_tokens]: EOS and stop_token_ids cannot be sampled before that many tokens
       (as in vLLM, ignore_eos changes only whether EOS stops the request, not this ban).
     - logprobs: None = off; 0 = the chosen token's logprob only; 1..20 = plus that many top alternatives.
+    - prompt_logprobs: None = off; k in 0..20 = each prompt token's logprob (the first has none) and its rank,
+      plus the k most likely alternatives (vLLM's). Computed by the model, never taken from the prefix cache.
+    - logit_bias: {token id: bias in [-100, 100]} added to those logits before sampling (OpenAI's); logprobs
+      still report the model's own distribution. Kept as a sorted tuple of (id, bias) pairs.
     - grammar: an llguidance grammar (engine.guided.GrammarCompiler builds them from JSON schemas and tool
       definitions); every sampled token is constrained to it. None = free text.
     """
@@ -50,6 +54,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     grammar: str | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -117,8 +123,28 @@ class SamplingParams:
         set_int("min_tokens", 0, self.max_tokens)
         if self.logprobs is not None:
             set_int("logprobs")
+        if self.prompt_logprobs is not None:
+            set_int("prompt_logprobs")
+        object.__setattr__(self, "logit_bias", self._logit_bias(bad))
         if self.grammar is not None and not isinstance(self.grammar, str):
             bad("grammar", f"must be a compiled grammar string, got {type(self.grammar).__name__}")
+
+    def _logit_bias(self, bad) -> tuple[tuple[int, float], ...]:
+        bias = self.logit_bias
+        pairs = bias.items() if isinstance(bias, dict) else bias
+        if not isinstance(pairs, (tuple, list, type({}.items()))):
+            bad("logit_bias", f"must be a mapping of token ids to numbers, got {type(bias).__name__}")
+        rng, out = ENGINE["logit_bias"], {}
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                bad("logit_bias", f"expected (token id, bias) pairs, got {pair!r}")
+            token, value = pair
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+                bad("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not rng.contains(value):
+                bad("logit_bias", f"the bias of token {token} must be a number {rng.describe()}, got {value!r}")
+            out[int(token)] = float(value)
+        return tuple(sorted(out.items()))
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,8 @@
 
 Running requests go first, each getting what it lacks (one token when decoding, a chunk when its prefill is
 unfinished), so a long prompt is prefilled in chunks between other requests' decode steps. Waiting requests
-are admitted afterwards in arrival order, reusing cached prefix blocks. When the pool cannot hold a running
+are admitted afterwards in arrival order, reusing cached prefix blocks; the later choices of one prompt (OpenAI's
+`n`) are held until the first has computed the prompt, so it is prefilled once. When the pool cannot hold a running
 request's next tokens, the most recently admitted running request is preempted: its blocks are released and
 it waits again at the head of the queue, to be recomputed later (same tokens, same random stream).
 
@@ -98,10 +99,14 @@ class Scheduler:
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[k]
-            if long_budget == 0 and self._is_long(req.num_tokens - req.num_computed_tokens):
-                k += 1                          # no long share left: shorter requests behind it may go
-                continue
-            prefix = self.block_manager.lookup(req) if req.num_computed_tokens == 0 else []
+            if self._awaits_leader(req) or \
+                    (long_budget == 0 and self._is_long(req.num_tokens - req.num_computed_tokens)):
+                k += 1      # a later choice whose prompt is being prefilled, or no long share left: those
+                continue    # behind it may go; it keeps its place
+            # prompt logprobs are computed by the model, never taken from the cache (the K/V such a request
+            # computes is what any request would, so its blocks are offered to the cache as usual)
+            cached = req.num_computed_tokens == 0 and req.params.prompt_logprobs is None
+            prefix = self.block_manager.lookup(req) if cached else []
             left = req.num_tokens - len(prefix) * self.block_manager.block_size
             long = self._is_long(left)
             n = min(left, budget, long_budget if long else budget)
@@ -129,6 +134,15 @@ class Scheduler:
                             for r in (*self.running, *self.waiting)):
             return budget
         return min(t, budget)
+
+    def _awaits_leader(self, req: Request) -> bool:
+        """Whether a later choice of a prompt (OpenAI's `n`) must wait: until its first choice has prefilled the
+        prompt (and so produced its first output, prompt logprobs included), whose full blocks it then finds
+        in the prefix cache."""
+        leader = req.prefill_leader
+        if leader is None or req.status != RequestStatus.WAITING:
+            return False
+        return leader.first_token_time is None and not leader.is_finished
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.release(req)

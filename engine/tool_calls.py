@@ -39,6 +39,7 @@ class ToolCallParser:
     ids: list[str] = field(default_factory=list)
     _names: list[str] = field(default_factory=list)
     _sent: list[int] = field(default_factory=list)     # argument characters already reported, per call
+    _done: int = 0                                      # calls already reported complete
 
     def feed(self, text: str) -> list[ToolCallDelta]:
         self.text += text
@@ -66,24 +67,36 @@ class ToolCallParser:
             yield name, self.text[m.end():end], True
             pos = end
 
-    def argument_texts(self) -> list[str]:
-        """Each call's arguments exactly as generated (what the streamed fragments add up to)."""
-        return [args for _, args, _ in self._scan()]
+    def newly_complete(self) -> list[dict]:
+        """Calls whose arguments completed since the last call of this method (after `feed`)."""
+        done = self.complete_calls()
+        new, self._done = done[self._done:], len(done)
+        return new
 
-    def calls(self) -> list[dict]:
-        """The complete calls [{id, name, arguments: dict}]; raises ValueError if the text is not a valid array
-        of calls (e.g. cut off by max_tokens)."""
+    def complete_calls(self) -> list[dict]:
+        """Every call whose arguments are a complete JSON object, in order: [{id, name, arguments (dict),
+        arguments_text (exactly as generated: what the streamed fragments add up to)}]. A call cut off (by
+        max_tokens) and anything after it are not among them."""
+        self.feed("")
+        calls = []
+        for index, (name, args, complete) in enumerate(self._scan()):
+            try:
+                value = json.loads(args) if complete else None
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, dict):
+                break
+            calls.append({"id": self.ids[index], "name": name, "arguments": value, "arguments_text": args})
+        return calls
+
+    @property
+    def closed(self) -> bool:
+        """Whether the text is a whole JSON array of {name, arguments} objects (nothing was cut off)."""
         try:
             parsed = json.loads(self.text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"the tool calls are not complete JSON ({e.msg})") from None
-        if not isinstance(parsed, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
-                                                   and isinstance(c.get("arguments"), dict) for c in parsed):
-            raise ValueError("the tool calls are not a list of {name, arguments} objects")
-        self.feed("")
-        while len(self.ids) < len(parsed):
-            self.ids.append(new_call_id())
-        return [{"id": self.ids[i], "name": c["name"], "arguments": c["arguments"]} for i, c in enumerate(parsed)]
+        except json.JSONDecodeError:
+            return False
+        return isinstance(parsed, list) and len(parsed) == len(self.complete_calls())
 
 
 def _value_end(text: str, start: int) -> int | None:

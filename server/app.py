@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM
-from server import openai_api, openapi, playground, workers
+from server import openai_api, openapi, playground, tokenizer_api, workers
 from server.body_limit import BodyLimit
 from server.config import API_KEY_ENV, ServerSettings
 from server.errors import BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, is_openai_path, render
@@ -45,6 +45,7 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
     app.state.server = state
     app.include_router(workers.router)
     app.include_router(openai_api.router)
+    app.include_router(tokenizer_api.router)
     openapi.install(app)
     playground.install(app)
     app.add_middleware(BodyLimit, get_limit=lambda: state.settings.limits.max_body_bytes)

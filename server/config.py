@@ -9,16 +9,21 @@ from server.limits import Limits
 
 CLOUDFLARE_MODEL = "@cf/mistralai/mistral-small-3.1-24b-instruct"
 HF_MODEL = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
+MISTRAL_MODEL = "mistral-small-2503"            # Mistral's API name of this model
 API_KEY_ENV = "MISTRAL_SMALL_API_KEY"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model_names: tuple[str, ...] = option((CLOUDFLARE_MODEL, HF_MODEL), "model names the routes answer to; the "
-                                          "first is reported in metrics", flag="--served-model-name", nargs="+")
+    model_names: tuple[str, ...] = option((CLOUDFLARE_MODEL, HF_MODEL, MISTRAL_MODEL), "model names the routes "
+                                          "answer to (vLLM's flag); the first is reported in metrics and is the "
+                                          "default", flag="--served-model-name", nargs="+")
     api_key: str | None = option(None, f"bearer token every API route requires (or env {API_KEY_ENV})")
     stream_padding: bool = option(True, "the random 'p' field of Workers AI stream events")
+    force_include_usage: bool = option(False, "/v1 streams: the usage on the chunk with the last finish_reason "
+                                       "for every client, not only Mistral's (vLLM's flag)",
+                                       flag="--enable-force-include-usage")
     host: str = option("127.0.0.1", "address to bind (browsers' Host headers are limited to loopback names "
                        "unless this binds wider)")
     port: int = option(8000, "port to listen on")

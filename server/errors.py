@@ -102,9 +102,14 @@ class ErrorResponse(JSONResponse):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+VLLM_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
 def is_openai_path(path: str) -> bool:
-    """Which error shape a path speaks: OpenAI's under /v1 and /client/v4/accounts/*/ai/v1, else Cloudflare's."""
-    return path.startswith("/v1/") or path == "/v1" or ("/ai/v1/" in path and path.startswith("/client/v4/"))
+    """Which error shape a path speaks: OpenAI's under /v1 and /client/v4/accounts/*/ai/v1 and on vLLM's
+    tokenizer routes, else Cloudflare's."""
+    return path.startswith("/v1/") or path == "/v1" or ("/ai/v1/" in path and path.startswith("/client/v4/")) \
+        or path in VLLM_PATHS
 
 
 # ---- the context window: each route words it as its reference does ----------------------------------------------

@@ -132,11 +132,21 @@ class Completion(BaseModel):
     usage: OpenAIUsage
 
 
+class ModelCapabilities(BaseModel):
+    completion_chat: bool
+    function_calling: bool
+    vision: bool
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    max_model_len: int | None = Field(description="vLLM: the context window")
+    type: Literal["base"] = Field(description="Mistral's model card")
+    capabilities: ModelCapabilities
+    max_context_length: int | None = Field(description="Mistral's name for the context window")
 
 
 class ModelList(BaseModel):
@@ -184,6 +194,18 @@ def completion_responses() -> dict:
 def models_responses() -> dict:
     return {200: {"model": ModelList, "description": "The served model names"},
             **_errors(OpenAIError, {401: _COMMON[401], 403: _COMMON[403], 500: _COMMON[500]})}
+
+
+def model_responses() -> dict:
+    return {200: {"model": Model, "description": "The served model"},
+            **_errors(OpenAIError, {401: _COMMON[401], 403: _COMMON[403], 404: "Unknown model",
+                                    500: _COMMON[500]})}
+
+
+def tokenizer_responses(model: type[BaseModel]) -> dict:
+    return {200: {"model": model, "description": "The result"},
+            **_errors(OpenAIError, {400: _COMMON[400], 401: _COMMON[401], 403: _COMMON[403],
+                                    404: "Unknown model", 500: _COMMON[500], 503: _COMMON[503]})}
 
 
 def route(summary: str, body: type[BaseModel] | None, responses: dict, path: str = "") -> dict:

@@ -20,15 +20,24 @@ import asyncio
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
-from engine.limits import MAX_STOP, OPENAI, WORKERS, Range
+from engine.limits import ENGINE, MAX_PROMPTS, MAX_STOP, OPENAI, WORKERS, Range
 from engine.sampling_params import SamplingParams
 from server.errors import bad_input, validation_error
 
 DEFAULTS = SamplingParams()
+OPENAI_LOGIT_BIAS = ENGINE["logit_bias"]
 
 
 # ---- strict scalars ----------------------------------------------------------------------------------------------
@@ -112,7 +121,9 @@ DESCRIPTIONS = {
     "Penalty on tokens of the prompt and the output; 1 = off", "frequency_penalty": "Penalty per occurrence in the "
     "output", "presence_penalty": "Penalty once a token occurred in the output", "top_logprobs": "Alternatives "
     "per token (needs logprobs)", "logprobs": "Logprobs of the chosen token and this many alternatives",
-    "min_tokens": "No end-of-sequence before this many tokens", "n": "Choices to generate",
+    "min_tokens": "No end-of-sequence before this many tokens", "n": "Choices per prompt, each its own sequence "
+    "sharing the prompt's prefill", "prompt_logprobs": "vLLM: each prompt token's logprob and rank, plus this "
+    "many alternatives",
 }
 
 
@@ -181,11 +192,11 @@ class NamedFunction(BaseModel):
 
 
 class NamedToolChoice(BaseModel):
-    type: Literal["function"]
+    type: Literal["function"] = "function"      # Mistral's may leave it out
     function: NamedFunction
 
 
-ToolChoice = Union[Literal["auto", "none", "required"], NamedToolChoice]
+ToolChoice = Union[Literal["auto", "none", "required", "any"], NamedToolChoice]    # "any": Mistral's "required"
 
 
 class ResponseFormat(BaseModel):
@@ -295,11 +306,28 @@ OPENAI_UNSUPPORTED = {
     "functions": ("functions (use tools)", None), "function_call": ("function_call (use tool_choice)", None),
     "audio": ("audio output", None), "modalities": ("modalities", ["text"]), "prediction": ("predicted outputs", None),
     "web_search_options": ("web search", None), "suffix": ("suffix", None), "best_of": ("best_of", 1),
-    "echo": ("echo", False), "logit_bias": ("logit_bias", {}), "min_p": ("min_p", 0),
-    "guided_regex": ("guided_regex", None), "guided_choice": ("guided_choice", None),
-    "guided_grammar": ("guided_grammar", None), "prompt_logprobs": ("prompt_logprobs", None),
-    "use_beam_search": ("beam search", False),
+    "echo": ("echo on chat completions (/v1/completions takes it)", False),
+    "min_p": ("min_p", 0), "guided_regex": ("guided_regex", None), "guided_choice": ("guided_choice", None),
+    "guided_grammar": ("guided_grammar", None), "use_beam_search": ("beam search", False),
+    "safe_prompt": ("safe_prompt (Mistral's safety system prompt)", False),
 }
+
+
+def _logit_bias(v):
+    """OpenAI's map of token ids (JSON keys, so strings) to biases; the range is SamplingParams' to check."""
+    if not isinstance(v, dict):
+        raise PydanticCustomError("refused", "logit_bias must be an object mapping token ids to biases",
+                                  {"name": "logit_bias"})
+    out = {}
+    for key, value in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise PydanticCustomError("refused", "logit_bias keys must be token ids (strings of digits), got "
+                                                 "{key}", {"name": "logit_bias", "key": repr(key)})
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PydanticCustomError("refused", "logit_bias values must be numbers, got {value}",
+                                      {"name": "logit_bias", "value": repr(value)})
+        out[int(key)] = value
+    return out
 
 
 class StreamOptions(BaseModel):
@@ -330,6 +358,10 @@ class _OpenAIBase(sampling_fields(OPENAI, "OpenAISampling")):
     safety_identifier: Any = None
     prompt_cache_key: Any = None
     options: dict[str, Any] | None = Field(None, description="Workers AI options (rejectIfBusy)")
+    logit_bias: Annotated[dict[int, float], BeforeValidator(_logit_bias)] | None = Field(
+        None, description="Token id (a string) -> bias added to its logit before sampling "
+                          f"({OPENAI_LOGIT_BIAS.span()}); logprobs stay the model's own")
+    prompt_logprobs: Int | None = knob(OPENAI, "prompt_logprobs")
 
     @model_validator(mode="before")
     @classmethod
@@ -365,12 +397,21 @@ class ChatCompletionRequest(_OpenAIBase):
                                                                                             "may call")
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: Bool | None = Field(None, description="Allow several calls in one answer (default true)")
+    random_seed: Int | None = Field(None, ge=OPENAI["seed"].lo, le=OPENAI["seed"].hi,
+                                    description="Mistral's name for seed")
 
     @model_validator(mode="after")
     def _top_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise PydanticCustomError("refused", "top_logprobs requires logprobs: true", {"name": "top_logprobs"})
+        if None not in (self.seed, self.random_seed) and self.seed != self.random_seed:
+            raise PydanticCustomError("refused", "seed and random_seed (Mistral's name for it) differ",
+                                      {"name": "random_seed"})
         return self
+
+    @property
+    def seed_value(self) -> int | None:
+        return self.seed if self.seed is not None else self.random_seed
 
     @property
     def max_tokens_value(self) -> int:
@@ -379,11 +420,51 @@ class ChatCompletionRequest(_OpenAIBase):
         return super().max_tokens_value
 
 
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+CompletionPrompt = Union[Annotated[Str, Field(min_length=1)],
+                         Annotated[list[Annotated[Str, Field(min_length=1)]], Field(min_length=1,
+                                                                                  max_length=MAX_PROMPTS)],
+                         TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+ECHO_MAX_TOKENS = Range(0, OPENAI["max_tokens"].hi, True)
+
+
 class CompletionRequest(_OpenAIBase):
     model_config = ConfigDict(extra="forbid", title="CompletionRequest")
-    prompt: Annotated[Str, Field(min_length=1)] | Annotated[list[Str], Field(min_length=1, max_length=1)] = Field(
-        description="The prompt text; `<s>` (BOS) is prepended unless it starts with it")
+    prompt: CompletionPrompt = Field(description=f"A text, up to {MAX_PROMPTS} texts, token ids (used verbatim: "
+                                                 "no BOS added), or lists of token ids; `<s>` (BOS) is put before a "
+                                                 "text that does not start with it")
+    max_tokens: Int | None = Field(DEFAULTS.max_tokens, ge=ECHO_MAX_TOKENS.lo, le=ECHO_MAX_TOKENS.hi, description=(
+        f"Tokens to generate at most ({ECHO_MAX_TOKENS.span()}, default {DEFAULTS.max_tokens}; 0 only with echo: "
+        "the prompt is scored, nothing generated)."))
     logprobs: Int | None = knob(OPENAI, "logprobs")
+    echo: Bool | None = Field(None, description="Each choice's text starts with its prompt (and its logprobs "
+                                                "with the prompt tokens', the first null)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_shape(cls, data):
+        p = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(p, list) and p:
+            kinds = {"ids" if isinstance(x, list) else type(x).__name__ for x in p}
+            if len(kinds) > 1 or not kinds <= {"str", "int", "ids"}:
+                raise PydanticCustomError("refused", "prompt must be a string, a list of strings, a list of token "
+                                                     "ids or a list of token-id lists (not a mix)", {"name": "prompt"})
+        return data
+
+    @model_validator(mode="after")
+    def _echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError("refused", "max_tokens 0 generates nothing: it needs echo: true (a prompt "
+                                                 "only scored)", {"name": "max_tokens"})
+        return self
+
+    @property
+    def prompts(self) -> list:
+        """The prompts as a list: texts and token-id lists."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
 
 # bodies above this size are parsed in a worker thread: tens of milliseconds would stall every stream

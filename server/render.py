@@ -38,8 +38,8 @@ class Renderer(Protocol):
     def error(self, err: ApiError) -> str:
         """The one frame that ends a stream with an error."""
 
-    def whole(self, answers: list[Finished]) -> Response | dict:
-        """The non-streamed response (a dict is sent as JSON)."""
+    def whole(self, answers: list[Finished], usage: Usage) -> Response | dict:
+        """The non-streamed response: every choice's answer, and the request's usage (a dict is sent as JSON)."""
 
 
 async def respond(gen: Generation, request: Request, renderer: Renderer, stream: bool) -> Response:
@@ -49,7 +49,7 @@ async def respond(gen: Generation, request: Request, renderer: Renderer, stream:
         return EventStream(gen, renderer, request.app.state.server.settings.limits.stall_timeout,
                            request.scope.get(CONNECTION) or Connection(None), headers=ids)
     try:
-        response = renderer.whole(await gen.collect(request))
+        response = renderer.whole(await gen.collect(request), gen.usage)
     except ClientGone:
         return JSONResponse({}, status_code=499, headers=ids)
     except ApiError:    # interrupted (timeout, shutdown, the engine died), or not deliverable as asked

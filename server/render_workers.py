@@ -14,6 +14,7 @@ import string
 
 from fastapi.responses import Response
 
+from engine.outputs import Usage
 from server.errors import BAD_INPUT, ApiError, cloudflare_body
 from server.pipeline import Delta, Finished, GenerationRequest
 from server.render import usage_dict
@@ -82,7 +83,7 @@ class WorkersRenderer:
     def error(self, err: ApiError) -> str:
         return f"data: {json.dumps(cloudflare_body(err))}\n\n"
 
-    def whole(self, answers: list[Finished]) -> Response:
+    def whole(self, answers: list[Finished], usage: Usage) -> Response:
         f = answers[0]
         calls = self._calls(f)
         response = f.content
@@ -90,7 +91,7 @@ class WorkersRenderer:
             self._check_json(f)
             json.loads(f.text)              # complete (the grammar's guarantee): never send broken JSON
             response = RawJSON(f.text)      # JSON mode: the object itself, as the hosted JSON mode shows
-        return Response(dumps({"result": {"response": response, "tool_calls": calls, "usage": usage_dict(f.usage)},
+        return Response(dumps({"result": {"response": response, "tool_calls": calls, "usage": usage_dict(usage)},
                                "success": True, "errors": [], "messages": []}, separators=(",", ":")),
                         media_type="application/json")
 

@@ -36,15 +36,19 @@ def parse_tools(tools) -> list[dict] | None:
 
 
 def tool_choice(choice, tools: list[dict] | None) -> str | None:
-    """OpenAI's / Workers' tool_choice -> "auto" | "none" | "required" | a tool's name; None without tools."""
+    """OpenAI's / Mistral's / Workers' tool_choice -> "auto" | "none" | "required" | a tool's name; None without
+    tools. Mistral's "any" is "required"; its named choice may leave out `type`."""
     if isinstance(choice, dict):
         fn = choice.get("function")
-        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad_input('tool_choice must be "auto", "none", "required" or '
+        if choice.get("type", "function") != "function" or not isinstance(fn, dict) or \
+                not isinstance(fn.get("name"), str):
+            raise bad_input('tool_choice must be "auto", "none", "required", "any" or '
                             '{"type": "function", "function": {"name": ...}}', "tool_choice")
         choice = fn["name"]
+    elif choice == "any":
+        choice = "required"
     elif choice is not None and choice not in ("auto", "none", "required"):
-        raise bad_input(f"tool_choice {choice!r} is not one of auto, none, required or a named function",
+        raise bad_input(f"tool_choice {choice!r} is not one of auto, none, required, any or a named function",
                         "tool_choice")
     if tools is None:
         if choice not in (None, "auto", "none"):
@@ -99,12 +103,14 @@ def compile_grammar(engine, schema: dict | None, tools: list[dict] | None, choic
 
 @dataclass
 class OutputSplitter:
-    """Splits a request's growing output into content (text before [TOOL_CALLS]) and tool-call deltas."""
+    """Splits a choice's growing output into content (text before [TOOL_CALLS]) and tool calls: fragments as
+    they come (OpenAI's streaming), and each call whole once its arguments are complete (Mistral's)."""
     tools: bool
     parser: ToolCallParser = field(default_factory=ToolCallParser)
     _content_sent: int = 0
 
-    def update(self, out) -> tuple[str, list[ToolCallDelta]]:
+    def update(self, out) -> tuple[str, list[ToolCallDelta], list[dict]]:
+        """-> (new content, new tool-call fragments, calls completed by this update)."""
         offset = out.tool_calls_offset if self.tools else None
         end = len(out.text) if offset is None else min(offset, len(out.text))
         content = out.text[self._content_sent:end]
@@ -112,19 +118,12 @@ class OutputSplitter:
         deltas = []
         if offset is not None and len(out.text) > offset:
             deltas = self.parser.feed(out.text[offset + len(self.parser.text):])
-        return content, deltas
+        return content, deltas, self.parser.newly_complete() if deltas else []
 
-    @property
-    def has_calls(self) -> bool:
-        return bool(self.parser.ids)
-
-    def calls(self) -> list[dict]:
-        """Complete calls [{id, name, arguments (dict), arguments_text}]; ValueError when cut off."""
-        calls = self.parser.calls()
-        texts = self.parser.argument_texts()
-        for c, t in zip(calls, texts):
-            c["arguments_text"] = t
-        return calls
+    def calls(self) -> tuple[list[dict], bool]:
+        """After [TOOL_CALLS]: (the complete calls [{id, name, arguments (dict), arguments_text}], whether a
+        call or the array around them was cut off)."""
+        return self.parser.complete_calls(), not self.parser.closed
 
 
 def parse_json_answer(text: str):

@@ -31,7 +31,7 @@ async def run(account_id: str, model: str, request: Request):
     body, raw = await parse(request, WorkersRun, openai=False)
     tools = parse_tools(raw.get("tools"))
     req = GenerationRequest(
-        route="workers", openai=False, prompt=body.prompt if body.prompt is not None else raw["messages"],
+        route="workers", openai=False, prompts=(body.prompt if body.prompt is not None else raw["messages"],),
         raw=body.raw and body.prompt is not None,
         params=sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                top_k=body.top_k, seed=body.seed, repetition_penalty=body.repetition_penalty,

@@ -23,7 +23,7 @@ def build(params, prompts=None, outputs=None, seeds=None, vocab=50):
 
 # ---- SamplingParams ------------------------------------------------------------------------------------------
 BAD = [
-    ("max_tokens", 0), ("max_tokens", 1.0), ("max_tokens", True),
+    ("max_tokens", -1), ("max_tokens", 1.0), ("max_tokens", True),
     ("temperature", -1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", True),
     ("temperature", "0.5"), ("temperature", None),
     ("top_p", -0.1), ("top_p", math.nan), ("top_p", False),
@@ -37,6 +37,8 @@ BAD = [
     ("min_tokens", -1), ("min_tokens", 257), ("min_tokens", 1.0),
     ("ignore_eos", 1), ("ignore_eos", "yes"),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 1.0),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("logit_bias", {"5": 1}), ("logit_bias", {5: 101}),
+    ("logit_bias", {-1: 1}), ("logit_bias", {5: True}), ("logit_bias", 5),
 ]
 
 

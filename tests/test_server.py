@@ -93,11 +93,11 @@ def captured(live, monkeypatch):
     """Record what reaches the engine instead of running it (the request then fails with 400 'captured')."""
     seen = []
 
-    async def spy(prompt, params=None, request_id=None, raw=False, tools=None):
-        seen.append(SimpleNamespace(prompt=prompt, params=params, raw=raw, tools=tools))
+    async def spy(prompt, params, n, raw=False, tools=None):
+        seen.append(SimpleNamespace(prompt=prompt, params=params, n=n, raw=raw, tools=tools))
         raise ValueError("captured by the test")
 
-    monkeypatch.setattr(live.llm, "submit", spy)
+    monkeypatch.setattr(live.llm, "submit_choices", spy)
     return seen
 
 
@@ -505,7 +505,7 @@ OPENAI_BAD = [
     ("temperature", -0.01), ("temperature", 2.01), ("top_p", -0.01), ("top_p", 1.01), ("frequency_penalty", -2.01),
     ("frequency_penalty", 2.01), ("presence_penalty", -2.01), ("presence_penalty", 2.01),
     ("repetition_penalty", -0.01), ("repetition_penalty", 2.01), ("top_k", -2), ("top_k", 1.5), ("max_tokens", 0),
-    ("max_completion_tokens", 0), ("n", 2), ("seed", 2**63), ("seed", -(2**63) - 1), ("min_tokens", -1),
+    ("max_completion_tokens", 0), ("n", 0), ("n", 17), ("seed", 2**63), ("seed", -(2**63) - 1), ("min_tokens", -1),
     ("min_tokens", 3), ("stop", ""), ("stop", ["s"] * 17), ("stop", 5), ("ignore_eos", "yes"),
     ("logprobs", "yes"), ("top_logprobs", 21), ("top_logprobs", -1), ("stream", "yes"), ("temperature", "hot"),
 ]

@@ -8,16 +8,16 @@ sent concurrently so the engine batches them (the whole sweep is a few engine ba
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 import re
 from dataclasses import dataclass
 
-import httpx
+import http_util
 import openai
 import pytest
+from http_util import Reply, favour_token, streamed_calls
 from jsonschema.validators import validator_for
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -223,41 +223,8 @@ def drained(request):
         request.getfixturevalue("live").assert_drained(10)
 
 
-@dataclass
-class Reply:
-    status: int
-    text: str
-
-    def json(self):
-        return json.loads(self.text)
-
-    def events(self) -> list:
-        """SSE payloads in order: parsed JSON, or the string "[DONE]"."""
-        assert self.text.endswith("\n\n"), self.text[-200:]
-        out = []
-        for frame in self.text.split("\n\n")[:-1]:
-            assert frame.startswith("data: ") and "\n" not in frame, frame
-            data = frame[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-        return out
-
-
-async def _send(client: httpx.AsyncClient, path: str, body: dict) -> Reply:
-    if body.get("stream"):
-        async with client.stream("POST", path, json=body) as r:
-            return Reply(r.status_code, (await r.aread()).decode())
-    r = await client.post(path, json=body)
-    return Reply(r.status_code, r.text)
-
-
 def post_all(srv, jobs: list[tuple[str, dict]]) -> list[Reply]:
-    """All requests at once, so the engine batches them; replies in job order."""
-    async def go():
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {TOKEN}"},
-                                     timeout=600, limits=limits) as client:
-            return await asyncio.gather(*(_send(client, path, body) for path, body in jobs))
-    return asyncio.run(go())
+    return http_util.post_all(srv, jobs, TOKEN)
 
 
 def post(srv, path: str, body: dict) -> Reply:
@@ -560,30 +527,6 @@ def check_calls(calls: list[dict], only: str | None = None) -> None:
         assert validator(TOOL_SCHEMAS[name]).is_valid(args), (name, args)
 
 
-def streamed_calls(reply: Reply) -> tuple[list[dict], str, str]:
-    """Rebuild the calls of an OpenAI stream, checking the delta shape; -> (calls, content, finish_reason)."""
-    events = reply.events()
-    assert events[-1] == "[DONE]"
-    chunks = [e["choices"][0] for e in events[:-1]]
-    assert chunks[0]["delta"] == {"role": "assistant", "content": ""}
-    calls, content = [], ""
-    for c in chunks:
-        content += c["delta"].get("content", "")
-        for d in c["delta"].get("tool_calls", []):
-            if d["index"] == len(calls):          # a call's first delta: id, type, name, empty arguments
-                assert set(d) == {"index", "id", "type", "function"} and d["type"] == "function", d
-                assert d["function"]["arguments"] == "" and set(d["function"]) == {"name", "arguments"}, d
-                calls.append({"id": d["id"], "type": "function",
-                              "function": {"name": d["function"]["name"], "arguments": ""}})
-            else:                                 # later deltas: index and an arguments fragment only
-                assert d["index"] == len(calls) - 1, d
-                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
-                assert d["function"]["arguments"]
-                calls[-1]["function"]["arguments"] += d["function"]["arguments"]
-    assert all(c["finish_reason"] is None for c in chunks[:-1])
-    return calls, content, chunks[-1]["finish_reason"]
-
-
 TOOL_CASES = [  # (id, tool_choice, parallel_tool_calls)
     ("required-single", "required", False),
     ("named", {"type": "function", "function": {"name": "book_flight"}}, False),
@@ -641,25 +584,6 @@ def test_streamed_tool_calls_match_the_whole_answer(tool_replies, case):
         # same seed: the same calls, argument text for argument text; ids are fresh per answer
         assert [c["function"] for c in calls] == [c["function"] for c in expected], seed
         assert not {c["id"] for c in calls} & {c["id"] for c in expected}
-
-
-@contextlib.contextmanager
-def favour_token(srv, token: int, amount: float = 100.0):
-    """Make the model all but certain to sample `token` wherever the grammar (if any) allows it."""
-    model = srv.engine.model
-    original = model.compute_logits
-
-    def compute_logits(hidden):
-        logits = original(hidden)
-        logits[:, token] += amount
-        return logits
-
-    model.compute_logits = compute_logits
-    try:
-        yield
-    finally:
-        assert srv.wait_idle(30)
-        del model.compute_logits
 
 
 def test_tool_choice_none_never_calls_even_when_the_model_wants_to(live):
