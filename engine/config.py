@@ -271,8 +271,11 @@ class EngineConfig:
     quantization: str | None = None
     # "auto": the model dtype; "fp8": float8_e4m3fn with one scale per (block, KV head), twice the tokens
     kv_cache_dtype: str = "auto"
-    # decode steps replayed as CUDA graphs (engine/cuda_graph.py); off until measured on a GPU
-    cuda_graphs: bool = False
+    # On CUDA, decode steps replay CUDA graphs (engine/cuda_graph.py); True runs every step eagerly
+    # (vLLM's --enforce-eager). Graphs are off on CPU, and for int8 weights (logged).
+    enforce_eager: bool = False
+    # "auto" (triton on CUDA, reference on CPU) | "triton" | "reference": engine/layers/attention
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -286,9 +289,6 @@ class EngineConfig:
             raise ValueError(f"quantization must be nf4, int8, fp8 or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
-        if self.cuda_graphs and self.quantization == "int8":
-            raise ValueError("cuda_graphs does not support quantization='int8': LLM.int8() picks outlier "
-                             "columns per batch (data-dependent shapes), which a graph cannot replay")
-        if self.cuda_graphs and self.kv_cache_dtype == "fp8":
-            raise ValueError("cuda_graphs does not support kv_cache_dtype='fp8' yet: its store re-quantizes "
-                             "blocks with data-dependent shapes, which a graph cannot replay")
+        if self.attention_backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"attention_backend must be 'auto', 'triton' or 'reference', got "
+                             f"{self.attention_backend!r}")

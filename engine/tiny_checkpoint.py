@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig, TextConfig, VisionConfig
-from engine.weights import _HF_PREFIXES, map_name, rope_unpermute
+from engine.weights import _HF_PREFIXES, map_name, rope_unpermute, targets
 
 TINY = ModelConfig(
     # GQA 4:1 and q_proj width (8*16=128) != hidden (96), like the real model (32:8, 4096 vs 5120)
@@ -62,8 +62,8 @@ def random_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.b
     with torch.device("meta"):
         skeleton = Mistral3ForConditionalGeneration(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in skeleton.named_parameters():
-        shape = tuple(p.shape)
+    for name, target in targets(skeleton).items():       # checkpoint names: one tensor per merged shard
+        shape = target.shape
         w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
         if name.endswith("norm.weight"):
             w = 1.0 + 0.1 * w

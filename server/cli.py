@@ -51,8 +51,10 @@ def _engine_kwargs(args) -> dict:
         kw["quantization"] = args.quantization
     if args.kv_cache_dtype != "auto":
         kw["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.cuda_graphs:
-        kw["cuda_graphs"] = True
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
+    if args.attention_backend != "auto":
+        kw["attention_backend"] = args.attention_backend
     return kw
 
 
@@ -188,10 +190,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="fp8: a float8_e4m3fn KV cache with per-block scales, twice the tokens (default: the "
                         "model dtype)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps as CUDA graphs (batches up to 128, 64 with nf4; not with int8 or "
-                        "--kv-cache-dtype fp8). "
-                        "Off by default until measured on a GPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no CUDA graphs (by default decode batches up to 128, 64 with "
+                        "nf4, replay CUDA graphs on a GPU; never with int8)")
+    p.add_argument("--attention-backend", choices=["auto", "triton", "reference"], default="auto",
+                   help="attention kernels: triton (one paged kernel per layer; the CUDA default) or the "
+                        "PyTorch reference (the CPU default)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
