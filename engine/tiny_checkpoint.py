@@ -55,7 +55,7 @@ def _hf_new_key(name: str) -> str:
 
 def random_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                    device: str = "cpu"):
-    """Yields (module parameter name, tensor) in module order. Linear weights ~ N(0, 1/fan_in) so every layer
+    """Yields (checkpoint name, tensor) in module order (one tensor per shard of a merged projection). Linear weights ~ N(0, 1/fan_in) so every layer
     moves the residual stream; norm weights ~ 1 + N(0, 0.1²) so a mix-up of norms shows in the logits."""
     from engine.models.mistral3 import Mistral3ForConditionalGeneration
 

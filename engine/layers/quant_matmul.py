@@ -63,9 +63,12 @@ def _split_k(n_tiles: int, k_steps: int, device: torch.device, min_steps: int) -
     return split
 
 
-def _block_m(m: int) -> int:
-    """1 for a single token (the reduction path), else a tl.dot tile (every dimension >= 16)."""
-    return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+def _block_m(m: int, dtype: torch.dtype) -> int:
+    """1 for a single token (the reduction path), else a tl.dot tile (every dimension >= 16). float32 dots
+    run without tensor cores and spill registers beyond 16 rows: more rows take more programs."""
+    if m == 1:
+        return 1
+    return 16 if dtype == torch.float32 else max(16, triton.next_power_of_2(m))
 
 
 if triton is not None:
@@ -147,19 +150,25 @@ def _finish(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def nf4_candidates(m: int, dtype: torch.dtype, group: int = 64, n_shards: int = 1) -> list[dict]:
     """The launch configurations `nf4_matmul` chooses among for `m` rows of `dtype` (tests/kernel_compile.py
-    compiles each). float32 tiles are narrower: at 64 rows the 128-wide one needs 100 KiB of shared memory,
-    more than Ada's 99 KiB."""
-    widths = (64, 32) if dtype == torch.float32 else (128, 64)
-    return [{"GROUP": group, "BLOCK_M": _block_m(m), "BLOCK_N": w, "N_SHARDS": n_shards,
-             "PRECISION": _precision(dtype), "num_warps": 4} for w in widths]
+    compiles each for sm_80/89/90 and checks none spills registers)."""
+    block_m = _block_m(m, dtype)
+    if dtype == torch.float32:
+        shapes = ((32, 8), (16, 8))
+    elif block_m >= 64:         # 64 x 128 tiles spill on Hopper even with 8 warps
+        shapes = ((64, 8),)
+    else:
+        shapes = ((128, 4), (64, 4))
+    return [{"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": w, "N_SHARDS": n_shards, "PRECISION": _precision(dtype),
+             "num_warps": warps} for w, warps in shapes]
 
 
 def fp8_candidates(m: int, dtype: torch.dtype, k: int = 4096) -> list[dict]:
-    block_k = 128
+    block_k = 32 if dtype == torch.float32 else 128
     while k % block_k:
         block_k //= 2
-    return [{"BLOCK_M": _block_m(m), "BLOCK_N": n, "BLOCK_K": block_k, "PRECISION": _precision(dtype),
-             "num_warps": 4} for n in (64, 32)]
+    shapes = ((32, 8), (16, 8)) if dtype == torch.float32 else ((64, 4), (32, 4))
+    return [{"BLOCK_M": _block_m(m, dtype), "BLOCK_N": n, "BLOCK_K": block_k, "PRECISION": _precision(dtype),
+             "num_warps": warps} for n, warps in shapes]
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor,
@@ -185,7 +194,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     candidates = nf4_candidates(m, x.dtype, group, shard_rows.shape[0])
     if block_n:
         candidates = [{**candidates[0], "BLOCK_N": block_n}]
-    cfg = autotune.pick("nf4_matmul", (_block_m(m), n, k, str(x.dtype)), candidates, launch, x.device)
+    cfg = autotune.pick("nf4_matmul", (_block_m(m, x.dtype), n, k, str(x.dtype)), candidates, launch, x.device)
     return _finish(launch(cfg), x.dtype)
 
 
@@ -210,5 +219,5 @@ def fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
                                                                       k // split, **cfg)
         return y
 
-    cfg = autotune.pick("fp8_matmul", (_block_m(m), n, k, str(x.dtype)), candidates, launch, x.device)
+    cfg = autotune.pick("fp8_matmul", (_block_m(m, x.dtype), n, k, str(x.dtype)), candidates, launch, x.device)
     return _finish(launch(cfg), x.dtype)

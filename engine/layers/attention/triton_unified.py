@@ -77,7 +77,7 @@ if triton is not None:
                           ml_ptr, scale, num_seqs, num_tokens, stride_q, stride_out, stride_table, n_splits,
                           NUM_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                           GQA: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, FP8: tl.constexpr,
-                          SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr):
         BLOCK_Q: tl.constexpr = BLOCK_M // GQA
         N_KV: tl.constexpr = NUM_HEADS // GQA
         qb, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -130,7 +130,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        if SPLIT:
+        if n_splits > 1:            # a partial state for _combine_kernel
             state = (split * num_tokens + tok) * NUM_HEADS + head
             tl.store(acc_ptr + state[:, None] * HEAD_DIM + rd[None, :], acc, mask=row_ok[:, None])
             tl.store(ml_ptr + state * 2, m_i, mask=row_ok)
@@ -158,27 +158,29 @@ if triton is not None:
         tl.store(out_ptr + tok * stride_out + head * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
 
 
-def candidates(decode: bool, head_dim: int, gqa: int, dtype: torch.dtype) -> list[dict]:
+def candidates(decode: bool, head_dim: int, gqa: int, dtype: torch.dtype, fp8: bool) -> list[dict]:
     """The tunable launch parameters shipped for a shape class (tests/kernel_compile.py compiles each one
-    and checks it does not spill). Decode-only steps use the smallest row block (one token x the GQA
-    group, padded to the 16 rows of a tensor-core dot); prefill chunks larger ones. float32 (tests, CPU-like
-    numerics) keeps tiles small: its registers are twice as wide."""
+    for sm_80/89/90 and checks it does not spill). Decode-only steps use the smallest row block (one token
+    x the GQA group, padded to the 16 rows of a tensor-core dot); prefill chunks larger ones. float32
+    (tests, CPU-like numerics) multiplies without tensor cores: small tiles, or its operands spill."""
     rows = max(16, triton.next_power_of_2(gqa))
-    wide = head_dim > 128 or dtype == torch.float32
-    if decode:
-        tiles = (32, 64) if wide else (64, 128)
-        return [{"BLOCK_M": rows, "TILE_N": t, "num_warps": 4, "num_stages": 2} for t in tiles]
-    if wide:
-        return [{"BLOCK_M": max(rows, 32), "TILE_N": 32, "num_warps": 4, "num_stages": 2}]
-    return [{"BLOCK_M": max(rows, m), "TILE_N": 64, "num_warps": w, "num_stages": 2}
-            for m, w in ((64, 4), (128, 8))]
+    if dtype == torch.float32 or head_dim > 128:
+        if fp8:
+            return [{"BLOCK_M": rows, "TILE_N": 16, "num_warps": 8, "num_stages": 2}]
+        return [{"BLOCK_M": rows, "TILE_N": 32, "num_warps": 8, "num_stages": 2},
+                {"BLOCK_M": rows, "TILE_N": 16, "num_warps": 4, "num_stages": 2}]
+    if decode:      # (with 4 warps, 128 16-bit keys spill on Ada; fp8 ones need 4 warps' registers)
+        return [{"BLOCK_M": rows, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+                {"BLOCK_M": rows, "TILE_N": 128, "num_warps": 4 if fp8 else 8, "num_stages": 2}]
+    # 128 rows x 64 fp8 keys spill on Ada (the fp8 -> 16-bit conversion needs registers): 32 keys there
+    return [{"BLOCK_M": max(rows, 64), "TILE_N": 64, "num_warps": 8, "num_stages": 2},
+            {"BLOCK_M": max(rows, 128), "TILE_N": 32 if fp8 else 64, "num_warps": 8, "num_stages": 2}]
 
 
-def kernel_constexprs(num_heads: int, block_size: int, head_dim: int, gqa: int, fp8: bool, dtype: torch.dtype,
-                      split: bool) -> dict:
+def kernel_constexprs(num_heads: int, block_size: int, head_dim: int, gqa: int, fp8: bool, dtype: torch.dtype) -> dict:
     """The shape-fixed constexprs of `_attention_kernel` (the tunable ones come from `candidates`)."""
     return {"NUM_HEADS": num_heads, "BLOCK_SIZE": block_size, "HEAD_DIM": head_dim, "GQA": gqa, "FP8": fp8,
-            "SPLIT": split, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def num_splits(programs: int, max_len: int, tile_n: int, device: torch.device) -> int:
@@ -216,7 +218,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         _attention_kernel[grid](q, k_cache, v_cache, k_scale if fp8 else k_cache, v_scale if fp8 else v_cache,
                                 block_tables, seq_lens, cu_seqlens_q, out, acc, ml, scale, num_seqs, n, q.stride(0),
                                 out.stride(0), block_tables.stride(0), n_splits,
-                                **kernel_constexprs(heads, block_size, d, gqa, fp8, q.dtype, split), **cfg)
+                                **kernel_constexprs(heads, block_size, d, gqa, fp8, q.dtype), **cfg)
         if split:
             _combine_kernel[(n, heads)](acc, ml, out, n, n_splits, out.stride(0), NUM_HEADS=heads, HEAD_DIM=d,
                                         SPLITS=triton.next_power_of_2(n_splits))
@@ -228,7 +230,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if config is None:
         decode = max_query_len == 1
         shape_class = ("decode" if decode else "prefill", d, gqa, block_size, str(q.dtype), fp8)
-        config = autotune.pick("unified_attention", shape_class, candidates(decode, d, gqa, q.dtype),
+        config = autotune.pick("unified_attention", shape_class, candidates(decode, d, gqa, q.dtype, fp8),
                                lambda c: launch(c, splits_for(c)), q.device)
     launch(config, splits_for(config))
     return out
