@@ -449,7 +449,7 @@ def main(argv=None) -> dict:
         run_all({**ours_runners, **hf_runners})
         if args.profile:
             profile(llm)
-        del llm, hf
+        del llm, hf, ours_runners, hf_runners
         free_memory(device)
     else:                       # one model at a time: on a GPU each side gets the whole device
         if want_ours:
@@ -457,12 +457,13 @@ def main(argv=None) -> dict:
             run_all(runners)
             if args.profile:
                 profile(llm)
-            del llm
+            # the runners' closures hold the engine too: all of it must go before transformers loads
+            del llm, runners
             free_memory(device)
         if want_hf:
             hf, runners = load_hf()
             run_all(runners)
-            del hf
+            del hf, runners
             free_memory(device)
     for name, tries in attempts.items():
         if not tries:

@@ -60,20 +60,22 @@ def gpu_info() -> dict | None:
             "cuda": torch.version.cuda}
 
 
-def versions() -> dict:
+def versions(*extra: str) -> dict:
+    """Installed versions, read from package metadata (importing transformers or bitsandbytes takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
     out = {"python": sys.version.split()[0]}
-    for mod in ("torch", "transformers", "mistral_common", "numpy"):
+    for dist in ("torch", "transformers", "mistral_common", "numpy", *extra):
         try:
-            out[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):   # not installed, or no __version__: record that
-            out[mod] = None
+            out[dist] = version(dist)
+        except PackageNotFoundError:            # not installed: record that
+            out[dist] = None
     return out
 
 
-def run_metadata() -> dict:
+def run_metadata(*extra_versions: str) -> dict:
     """The common header of every result file (params and figures are added by the benchmark)."""
     return {"commit": git_info(), "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "machine": machine_info(), "gpu": gpu_info(), "versions": versions()}
+            "machine": machine_info(), "gpu": gpu_info(), "versions": versions(*extra_versions)}
 
 
 def timestamp() -> str:

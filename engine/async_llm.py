@@ -2,8 +2,8 @@
 
 The engine loop owns LLMEngine and runs on its own thread; callers never block it. They talk to it through
 a command queue (add, abort) that the loop drains before every step, and receive outputs on per-request
-asyncio queues filled with `call_soon_threadsafe`. Tokenization and image decoding run in the caller's
-worker thread, never on the engine thread.
+asyncio queues filled with `call_soon_threadsafe`. Input processing (tokenization, images, grammar matchers)
+runs in a worker thread, never on the engine thread nor on the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import AsyncIterator
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,25 @@ class AsyncLLM:
     async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                      raw: bool = False, tools: list[dict] | None = None) -> RequestStream:
         """Validate and queue a request; returns its output stream. Bad requests raise here, before anything
-        is queued (PromptError, ImageError, ContextWindowError, ValueError, EngineDeadError)."""
-        if self.error is not None:
-            raise EngineDeadError(f"the engine loop died: {self.error!r}")
-        enc = await asyncio.to_thread(self.engine.encode, prompt, raw, tools)
-        req = self.engine.make_request(enc, params, request_id or uuid.uuid4().hex)
-        stream = RequestStream(self, req.request_id, len(req.prompt_token_ids))
+        is queued (PromptError, ImageError, ContextWindowError, ValueError, EngineDeadError). All the input
+        processing (tokenizing, images, grammar) runs in a worker thread, never on the event loop."""
+        self._check_alive()
+        req = await asyncio.to_thread(self.engine.process, prompt, params, request_id or uuid.uuid4().hex, raw,
+                                      tools)
+        return self.submit_request(req)
+
+    def submit_request(self, req: Request) -> RequestStream:
+        """Queue a request already built by `engine.process` (e.g. in the caller's own worker pool); returns
+        its output stream. Call it on the event loop that will read the stream; it does no CPU-heavy work."""
+        self._check_alive()
+        stream = RequestStream(self, req.request_id, req.num_prompt_tokens)
         self._sinks[req.request_id] = (asyncio.get_running_loop(), stream.queue)
         self._command(("add", req))
         return stream
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine loop died: {self.error!r}")
 
     async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                      raw: bool = False, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:

@@ -49,18 +49,19 @@ class BlockManager:
         bs = self.block_size
         lo, hi = index * bs, (index + 1) * bs
         h = hashlib.sha256(parent)
-        h.update(np.asarray(req.token_ids(lo, hi), dtype=np.int64).tobytes())
+        h.update(req.token_ids(lo, hi).astype(np.int64, copy=False).tobytes())
         for img in req.images:
             if img.start < hi and img.end > lo:
                 h.update(f"|{img.hash}@{img.start - lo}".encode())
         return h.digest()
 
     def _hashes(self, req: Request, num_full_blocks: int) -> list[bytes]:
-        # memoized on the request: a full block's tokens, and so its hash, never change
+        """The request's memo of block hashes, holding at least `num_full_blocks` (never copied: a decode
+        step must not pay for the whole context). A full block's tokens, and so its hash, never change."""
         hashes = req.block_hashes
         while len(hashes) < num_full_blocks:
             hashes.append(self.block_hash_of(req, len(hashes), hashes[-1] if hashes else b""))
-        return hashes[:num_full_blocks]
+        return hashes
 
     def lookup(self, req: Request) -> list[int]:
         """Cached blocks holding the longest prefix of `req`'s tokens. At least one token is always left to
@@ -68,7 +69,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for h in self._hashes(req, (req.num_tokens - 1) // self.block_size):
+        num_full = (req.num_tokens - 1) // self.block_size
+        for h in self._hashes(req, num_full)[:num_full]:
             b = self.cached.get(h)
             if b is None:
                 break

@@ -10,8 +10,12 @@ Everything downstream reads only `ModelConfig`; no other module looks at raw con
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+QUANTIZATIONS = ("nf4", "int8", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
+ATTENTION_BACKENDS = ("auto", "triton", "reference")
 
 
 class ConfigError(ValueError):
@@ -46,15 +50,34 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """Image geometry: every image is cut into patch_size² patches, merged spatial_merge_size² into one [IMG]
+    token, after resizing to at most max_image_size a side. The model's own values (ModelConfig.image) are
+    the only source; the defaults below are Mistral Small 3.1's."""
+    patch_size: int = VisionConfig.patch_size
+    max_image_size: int = VisionConfig.image_size
+    spatial_merge_size: int = 2
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per [IMG] token side (28)."""
+        return self.patch_size * self.spatial_merge_size
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
-    spatial_merge_size: int = 2
+    spatial_merge_size: int = ImageConfig.spatial_merge_size
     image_token_id: int = 10
     image_break_token_id: int = 12
     image_end_token_id: int = 13
     bos_token_id: int = 1
     eos_token_id: int = 2
+
+    @property
+    def image(self) -> ImageConfig:
+        return ImageConfig(self.vision.patch_size, self.vision.image_size, self.spatial_merge_size)
 
     # ---- HF config.json ------------------------------------------------------------------------------
     @classmethod
@@ -214,14 +237,20 @@ class ModelConfig:
         return self
 
 
-def load_config(path: Path) -> ModelConfig:
-    """Read config.json (HF) or params.json (native) at `path`."""
+def read_config(path: Path) -> dict:
+    """The raw JSON object of config.json / params.json."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read model config ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    return raw
+
+
+def load_config(path: Path, raw: dict | None = None) -> ModelConfig:
+    """Read config.json (HF) or params.json (native) at `path` (or parse its already-read `raw` object)."""
+    raw = read_config(path) if raw is None else raw
     try:
         return ModelConfig.from_native_dict(raw) if Path(path).name == "params.json" \
             else ModelConfig.from_hf_dict(raw)
@@ -256,26 +285,38 @@ def _rope_theta(d: dict, where: str) -> float:
     raise ConfigError(f"{where}: rope_theta is missing (neither flat nor in rope_parameters)")
 
 
+def option(default, help: str, flag: str | None = None, **argparse_kw):
+    """A config field that is also a command-line flag: server/flags.py builds `serve`/`run`/`chat`'s parser
+    from these, so a setting's default, range and name are written once, here. `flag` overrides the name
+    derived from the field; `convert` maps the flag's value to the field's (GiB -> bytes)."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kw})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Serving limits and memory. `max_model_len` is the context window (prompt + max_tokens): 128,000 by
     default as the hosted model enforces; it may be raised to the model's 131,072."""
-    max_model_len: int = 128_000
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048     # per step; also the prefill chunk size
-    block_size: int = 16
-    kv_cache_memory: int | None = None     # bytes for the KV pool; default: measured (GPU) or 2 GiB (CPU)
-    gpu_memory_utilization: float = 0.90   # fraction of the GPU the engine may fill, KV pool included
-    enable_prefix_caching: bool = True
-    # "nf4" | "int8" (bitsandbytes, the `quant` extra) | "fp8": the decoder linears only (engine/quant.py)
-    quantization: str | None = None
+    max_model_len: int = option(128_000, "context window, prompt + max_tokens (up to the model's 131072)")
+    max_num_seqs: int = option(256, "requests running at once")
+    max_num_batched_tokens: int = option(2048, "tokens per engine step; also the prefill chunk size")
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_cache_memory: int | None = option(None, "KV pool size in GiB (default: measured on a GPU, 2 on CPU)",
+                                         flag="--kv-cache-gib", type=float, convert=lambda gib: int(gib * 2**30))
+    gpu_memory_utilization: float = option(0.90, "fraction of GPU memory the engine may fill, KV pool included",
+                                           aliases=("--kv-memory-fraction",))
+    enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes")
+    # nf4 / int8 (bitsandbytes, the `quant` extra) / fp8: the decoder linears only (engine/quant.py)
+    quantization: str | None = option(None, "quantize the decoder linears while loading (nf4/int8 need "
+                                      "bitsandbytes: the quant extra; see weights.md)", choices=QUANTIZATIONS)
     # "auto": the model dtype; "fp8": float8_e4m3fn with one scale per (block, KV head), twice the tokens
-    kv_cache_dtype: str = "auto"
-    # On CUDA, decode steps replay CUDA graphs (engine/cuda_graph.py); True runs every step eagerly
-    # (vLLM's --enforce-eager). Graphs are off on CPU, and for int8 weights (logged).
-    enforce_eager: bool = False
-    # "auto" (triton on CUDA, reference on CPU) | "triton" | "reference": engine/layers/attention
-    attention_backend: str = "auto"
+    kv_cache_dtype: str = option("auto", "KV cache dtype: auto (the model's) or fp8 (per-block scales, twice "
+                                 "the tokens)", choices=KV_CACHE_DTYPES)
+    # on CUDA, decode steps replay CUDA graphs (engine/cuda_graph.py); off on CPU and for int8 (logged)
+    enforce_eager: bool = option(False, "run every step eagerly, without CUDA graphs (by default decode batches "
+                                 "up to 128, 64 with nf4, replay CUDA graphs on a GPU; never with int8)")
+    attention_backend: str = option("auto", "attention kernels: triton (one paged kernel per layer and step; the "
+                                    "CUDA default) or reference (PyTorch; the CPU default)",
+                                    choices=ATTENTION_BACKENDS)
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -285,10 +326,11 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be a positive number of bytes")
-        if self.quantization not in (None, "nf4", "int8", "fp8"):
-            raise ValueError(f"quantization must be nf4, int8, fp8 or None, got {self.quantization!r}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
-        if self.attention_backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"attention_backend must be 'auto', 'triton' or 'reference', got "
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                             f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
                              f"{self.attention_backend!r}")

@@ -115,10 +115,13 @@ class GrammarCompiler:
         return m
 
 
-def fill_bitmask(matchers: list[llg.LLMatcher], vocab_size: int) -> torch.Tensor:
-    """[len(matchers), ceil(V/32)] int32 bitmask of the tokens each matcher allows next (host memory)."""
+def fill_bitmask(matchers: list[llg.LLMatcher], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(matchers), ceil(V/32)] int32 bitmask of the tokens each matcher allows next, in host memory:
+    written into `out` (contiguous, e.g. a pinned staging buffer) when given."""
     words = (vocab_size + 31) // 32
-    mask = torch.empty((len(matchers), words), dtype=torch.int32)
+    mask = torch.empty((len(matchers), words), dtype=torch.int32) if out is None else out
+    if mask.shape != (len(matchers), words) or mask.dtype != torch.int32 or not mask.is_contiguous():
+        raise ValueError(f"the bitmask buffer must be a contiguous int32 [{len(matchers)}, {words}] tensor")
     for i, m in enumerate(matchers):
         m.unsafe_compute_mask_ptr(mask[i].data_ptr(), words * 4)
     return mask

@@ -26,6 +26,8 @@ import numpy as np
 from mistral_common.tokens.tokenizers.image import transform_image
 from PIL import Image
 
+from engine.config import ImageConfig  # noqa: F401  (the geometry lives with the model's config)
+
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # encoded payload, after base64 decoding
 # 8192x8192. Bounds memory: mistral-common resizes from a full-resolution float32 RGB copy (~800 MB here).
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -38,13 +40,6 @@ _PASSTHROUGH_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"
 
 class ImageError(ValueError):
     """The image input is unusable; the message is meant for the API user."""
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    patch_size: int = 14
-    max_image_size: int = 1540
-    spatial_merge_size: int = 2
 
 
 @dataclass(frozen=True)
@@ -156,7 +151,7 @@ def image_grid(width: int, height: int, cfg: ImageConfig = ImageConfig()) -> tup
     if ratio > 1:  # Python's round (half to even) and the floor of 1 are part of the reference behaviour
         w = max(round(w / ratio), 1)
         h = max(round(h / ratio), 1)
-    unit = cfg.patch_size * cfg.spatial_merge_size
+    unit = cfg.token_pixels
     return int((h - 1) // unit + 1), int((w - 1) // unit + 1)
 
 
@@ -176,7 +171,7 @@ def preprocess(image: Image.Image, cfg: ImageConfig = ImageConfig()) -> Processe
     """RGB conversion, resize and normalization, bit-identical to mistral-common's ImageEncoder."""
     image = _to_supported_mode(_load_checked(image))
     rows, cols = image_grid(*image.size, cfg)
-    unit = cfg.patch_size * cfg.spatial_merge_size
+    unit = cfg.token_pixels
     pixels = transform_image(image, (cols * unit, rows * unit))
     return ProcessedImage(np.ascontiguousarray(pixels, dtype=np.float32), rows, cols)
 

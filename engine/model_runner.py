@@ -1,4 +1,5 @@
-"""Turns a scheduler step into tensors, runs the vision encoder and the decoder, samples.
+"""Runs a scheduler step: inputs from the persistent InputBatch (engine/input_batch.py), the vision encoder,
+the decoder, the sampler.
 
 Owns the model, the KV pool (one tensor, allocated once and never reallocated while serving), the
 attention backend (chosen once here, engine/layers/attention), the decode CUDA graphs and the sampler.
@@ -18,12 +19,13 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask, fill_bitmask
+from engine.input_batch import InputBatch
 from engine.layers.attention import select_backend, set_backend
 from engine.layers.quant_matmul import MAX_ROWS
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 from engine.quant import FP8
 from engine.request import Request
-from engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine.sampler import SampledTokens, Sampler
 from engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class ModelRunner:
         p = model.language_model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self.sampler = Sampler()
+        self.inputs = InputBatch(config, self.cfg.text.vocab_size, self.device)   # persistent step inputs
         self.grammar_seconds, self.grammar_masks = 0.0, 0      # host time spent computing grammar masks
         fp8_kv = config.kv_cache_dtype == "fp8"
         self.attention = select_backend(config.attention_backend, self.device, fp8_kv)
@@ -176,57 +179,44 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
+    def execute(self, sched: SchedulerOutput) -> SampledTokens | None:
         """Compute the step's tokens; sample one token for each request whose known tokens are now all
-        cached (in `sched.scheduled` order, skipping those that only prefilled a chunk)."""
-        bs = self.config.block_size
-        ids, positions, slots, qlens, slens, tables, embeds = [], [], [], [], [], [], []
-        for s in sched.scheduled:
-            req, start = s.request, s.request.num_computed_tokens
-            end = start + s.num_tokens
-            ids += req.token_ids(start, end)
-            pos = np.arange(start, end)
-            positions.append(pos)
-            table = np.asarray(req.block_ids, dtype=np.int64)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            qlens.append(s.num_tokens)
-            slens.append(end)
-            tables.append(req.block_ids)
-            embeds += self._image_embeds(req, start, end)
-        dev = self.device
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        ctx = ForwardContext(
-            cu_seqlens_q=torch.tensor(np.cumsum([0] + qlens), dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True), kv_caches=self.kv_caches,
-            query_lens_cpu=qlens, seq_lens_cpu=slens)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
-        if self.graphs is not None and not embeds and len(ids) == len(qlens) and self.graphs.fits(len(ids)):
-            hidden = self.graphs.run(input_ids, pos, ctx.slot_mapping, ctx.seq_lens, ctx.block_tables)
-        else:
-            hidden = self.model(input_ids, pos, ctx, torch.cat(embeds) if embeds else None)
-
-        samplers = [k for k, s in enumerate(sched.scheduled) if s.samples]
-        if not samplers:
+        cached (in `sched.scheduled` order, skipping those that only prefilled a chunk). Host work is
+        O(tokens this step) (engine/input_batch.py); the results come back in one device->host copy."""
+        step = self.inputs.prepare(sched, self.kv_caches)
+        if step is None:
             return None
-        rows = torch.tensor(np.cumsum(qlens)[samplers] - 1, dtype=torch.long).to(dev, non_blocking=True)
-        logits = self.model.compute_logits(hidden[rows]).float()
-        reqs = [sched.scheduled[k].request for k in samplers]
+        embeds = []
+        for s in sched.scheduled:
+            start = s.request.num_computed_tokens
+            embeds += self._image_embeds(s.request, start, start + s.num_tokens)
+        ctx, n = step.ctx, step.input_ids.shape[0]
+        if self.graphs is not None and not embeds and n == ctx.num_seqs and self.graphs.fits(n):
+            hidden = self.graphs.run(step.input_ids, step.positions, ctx.slot_mapping, ctx.seq_lens,
+                                     ctx.block_tables)
+        else:
+            hidden = self.model(step.input_ids, step.positions, ctx, torch.cat(embeds) if embeds else None)
+        if not step.samplers:
+            return None
+        logits = self.model.compute_logits(hidden[step.logits_rows]).float()
+        guided = self._stage_grammar_masks(step.samplers, logits.shape[-1])
+        batch = self.inputs.sampling_batch(step.samplers, self.eos_id, logits.shape[-1])  # flushes the masks too
+        if guided is not None:
+            apply_bitmask(logits, *guided)
+        return self.inputs.finish(self.sampler(logits, batch))
+
+    def _stage_grammar_masks(self, reqs: list[Request], vocab_size: int):
+        """(rows, bitmask) device tensors for the guided requests, staged for the next flush; None if none.
+        The masks are computed on the host while the device runs the forward pass queued before."""
         guided = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if guided:
-            # computed on the host while the device runs the forward pass queued above
-            start = time.perf_counter()
-            mask = fill_bitmask([reqs[i].matcher for i in guided], logits.shape[-1])
-            self.grammar_seconds += time.perf_counter() - start
-            self.grammar_masks += len(guided)
-            apply_bitmask(logits, torch.tensor(guided, device=dev), mask.to(dev, non_blocking=True))
-        batch = SamplingBatch.build([r.params for r in reqs], [r.seed for r in reqs],
-                                    [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
-                                    self.eos_id, logits.shape[-1], dev)
-        return self.sampler(logits, batch)
+        if not guided:
+            return None
+        start = time.perf_counter()
+        host, mask = self.inputs.staging.alloc((len(guided), (vocab_size + 31) // 32), torch.int32)
+        fill_bitmask([reqs[i].matcher for i in guided], vocab_size, out=host)
+        self.grammar_seconds += time.perf_counter() - start
+        self.grammar_masks += len(guided)
+        return self.inputs.staging.put(guided, torch.int64), mask
 
     def _image_embeds(self, req: Request, start: int, end: int) -> list[torch.Tensor]:
         """Embedding rows for the [IMG] tokens among prompt positions [start, end), in order; encodes each

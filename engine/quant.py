@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import QUANTIZATIONS
 from engine.layers import quant_matmul
 from engine.layers.linear import Linear, LinearMethod
 
-QUANTIZATIONS = ("nf4", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0                 # largest finite float8_e4m3fn; values beyond it would become NaN
 CHUNK_ELEMENTS = 1 << 20        # full-precision elements quantized at once: 4 MiB in float32

@@ -3,13 +3,18 @@
 Token accounting (vLLM v1): a request has `num_tokens` = prompt + generated tokens and `num_computed_tokens`
 of them cached. Each step the scheduler gives it some of the difference: a prefill chunk, or the one token
 generated last step. Nothing else distinguishes prefill from decode.
+
+The token ids are stored once, in one numpy array sized for prompt + max_tokens (grown by doubling if a
+request ever needs more): a decode step appends one id and reads back only the ids it computes, so the work
+per step does not depend on the length of the context.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,40 +40,59 @@ class ImageInput:
     embeds: torch.Tensor | None = None  # [len(img_positions), hidden] once encoded; dropped after prefill
 
 
-@dataclass
 class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int                                      # the counter-based random stream's key (user's or drawn)
-    images: list[ImageInput] = field(default_factory=list)
-    max_tokens: int = 0                            # params.max_tokens capped by the context window
-    arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
-    status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = 0                     # prompt tokens served from the prefix cache (first admission)
-    block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)   # memo: prefix-cache hash of each full block
-    num_hashed_blocks: int = 0                     # leading blocks already offered to the prefix cache
-    num_preemptions: int = 0
-    finish_reason: str | None = None
-    matcher: object | None = None                  # llguidance LLMatcher when params.grammar is set
-    first_token_time: float | None = None
+    def __init__(self, request_id: str, prompt_token_ids: Sequence[int] | np.ndarray, params: SamplingParams,
+                 seed: int, images: list[ImageInput] | None = None, max_tokens: int = 0, matcher=None):
+        self.request_id = request_id
+        self.params = params
+        self.seed = seed                        # the counter-based random stream's key (user's or drawn)
+        self.images = images or []
+        self.max_tokens = max_tokens            # output tokens allowed (params.max_tokens)
+        self.matcher = matcher                  # llguidance LLMatcher when params.grammar is set
+        n = len(prompt_token_ids)
+        self.num_prompt_tokens = n
+        self._tokens = np.empty(max(n + max_tokens, 1), dtype=np.int64)
+        self._tokens[:n] = prompt_token_ids
+        self.num_tokens = n                     # prompt + generated
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0              # prompt tokens served from the prefix cache (first admission)
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []     # memo: prefix-cache hash of each full block
+        self.num_hashed_blocks = 0              # leading blocks already offered to the prefix cache
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+
+    def append_output(self, token_id: int) -> None:
+        if self.num_tokens == len(self._tokens):
+            self._tokens = np.concatenate([self._tokens, np.empty_like(self._tokens)])
+        self._tokens[self.num_tokens] = token_id
+        self.num_tokens += 1
+
+    def token_ids(self, start: int, end: int) -> np.ndarray:
+        """Ids [start, end) as a read-only view (valid until the next append)."""
+        view = self._tokens[start:min(end, self.num_tokens)]
+        view.flags.writeable = False
+        return view
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def all_token_ids(self) -> np.ndarray:
+        return self.token_ids(0, self.num_tokens)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
 
-    def token_ids(self, start: int, end: int) -> list[int]:
-        p = self.prompt_token_ids
-        if end <= len(p):
-            return p[start:end]
-        return (p + self.output_token_ids)[start:end]
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """A fresh list (O(prompt)): for building outputs once, never for per-step work."""
+        return self._tokens[:self.num_prompt_tokens].tolist()
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._tokens[self.num_prompt_tokens:self.num_tokens].tolist()
 
     @property
     def is_finished(self) -> bool:

@@ -3,8 +3,10 @@
 min_tokens ban -> repetition penalty -> frequency/presence penalties -> (greedy rows: argmax)
 -> temperature -> top-k -> top-p -> exponential-race sampling with counter-based noise.
 
-Every tensor is built on the host in `SamplingBatch.build` and copied once; `Sampler.__call__` never reads a
-device value back, so it neither stalls the GPU nor blocks CUDA graphs. The noise for (seed, step, token)
+Per-row parameters are built on the host in `SamplingBatch.make` and uploaded through the engine's staging
+arena; token statistics for penalties stay on the device (engine/penalty_state.py). `Sampler.__call__` never
+reads a device value back, so it neither stalls the GPU nor blocks CUDA graphs; the engine brings a step's
+results to the host with one copy (`SamplerOutput.pack`). The noise for (seed, step, token)
 comes from a stateless integer hash, so a request's tokens do not depend on the batch it shares, on its row,
 on preemption/recompute, or on the device.
 """
@@ -12,6 +14,7 @@ on preemption/recompute, or on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ M32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingBatch:
-    """One row per sequence that samples this step. Flat penalty/ban indices are row * vocab_size + token."""
+    """One row per sequence that samples this step."""
     temperature: torch.Tensor          # [B] float32 (1.0 on greedy rows, whose value is unused)
     top_p: torch.Tensor                # [B] float32, >= 1 = off
     top_k: torch.Tensor                # [B] int64, 0 = off
@@ -35,54 +38,80 @@ class SamplingBatch:
     seeds: torch.Tensor                # [B] int64, the request's seed (two's complement of seed mod 2**64)
     steps: torch.Tensor                # [B] int64, index of the token being sampled within the request's output
     greedy: torch.Tensor               # [B] bool
-    repeat_idx: torch.Tensor | None    # [N] flat indices of prompt + output tokens; None = no row penalizes
-    output_idx: torch.Tensor | None    # [N] flat indices of output tokens (repeats count); None = unused
-    ban_idx: torch.Tensor | None       # [N] flat indices of EOS/stop ids banned by min_tokens; None = none
+    ban_idx: torch.Tensor | None       # [N] flat indices (row * vocab_size + token) of EOS/stop ids banned by
+    #                                    min_tokens; None = none
     vocab_size: int
     all_greedy: bool                   # host-side flags: skip whole stages without asking the device
     use_top_k: bool
     use_top_p: bool
     num_logprobs: int                  # -1 = no row wants logprobs; else the largest `logprobs` in the batch
+    use_seen: bool                     # some row has a repetition penalty: `seen` must be set
+    use_counts: bool                   # some row has a frequency/presence penalty: `counts` must be set
+    # Token statistics (rows without the penalty may hold anything: a penalty of 1 / 0 leaves them unchanged)
+    seen: torch.Tensor | None = None   # [B, V] bool, tokens in the prompt or output (repetition penalty)
+    counts: torch.Tensor | None = None  # [B, V] float32, times each token was generated (frequency/presence)
+
+    @classmethod
+    def make(cls, params: list[SamplingParams], seeds: list[int], num_outputs: list[int], eos_id: int,
+             vocab_size: int, put: Callable[[np.ndarray, torch.dtype], torch.Tensor]) -> SamplingBatch:
+        """Per-row parameters, uploaded by `put(values, dtype) -> device tensor` (the engine's staging arena).
+        The token statistics are not set here: the engine gathers them from its PenaltyState."""
+        V = vocab_size
+        greedy = [p.greedy or p.temperature < GREEDY_BELOW for p in params]
+        banned = [r * V + t for r, (p, n) in enumerate(zip(params, num_outputs)) if n < p.min_tokens
+                  for t in sorted({eos_id, *p.stop_token_ids}) if 0 <= t < V]
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            temperature=put([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            top_p=put([p.top_p for p in params], torch.float32),
+            top_k=put([min(max(p.top_k, 0), V) for p in params], torch.int64),
+            repetition_penalty=put([repetition_penalty(p) for p in params], torch.float32),
+            frequency_penalty=put([p.frequency_penalty for p in params], torch.float32),
+            presence_penalty=put([p.presence_penalty for p in params], torch.float32),
+            # any Python int maps onto int64 by its low 64 bits, so engine seeds beyond 2**63 still work
+            seeds=put([((s + 2**63) % 2**64) - 2**63 for s in seeds], torch.int64),
+            steps=put(num_outputs, torch.int64),
+            greedy=put(greedy, torch.bool),
+            ban_idx=put(banned, torch.int64) if banned else None, vocab_size=V,
+            all_greedy=all(greedy),
+            use_top_k=any(0 < p.top_k < V and not g for p, g in zip(params, greedy)),
+            use_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
+            num_logprobs=max(wanted, default=-1),
+            use_seen=any(repetition_penalty(p) != 1.0 for p in params),
+            use_counts=any(counts_outputs(p) for p in params))
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], prompt_ids: list[list[int]],
               output_ids: list[list[int]], eos_id: int, vocab_size: int, device) -> SamplingBatch:
-        V = vocab_size
-        greedy = [p.greedy or p.temperature < GREEDY_BELOW for p in params]
-        # repetition_penalty 0 is documented as "off", like 1
-        rep = [p.repetition_penalty if p.repetition_penalty not in (0.0, 1.0) else 1.0 for p in params]
-        repeat, counted, banned = [], [], []
-        for r, (p, prompt, out) in enumerate(zip(params, prompt_ids, output_ids)):
-            if rep[r] != 1.0:
-                repeat += [r * V + t for t in prompt] + [r * V + t for t in out]
-            if p.frequency_penalty or p.presence_penalty:
-                counted += [r * V + t for t in out]
-            if len(out) < p.min_tokens:
-                banned += [r * V + t for t in {eos_id, *p.stop_token_ids} if 0 <= t < V]
+        """From token lists, statistics computed from scratch: for tests, and the reference that the engine's
+        incremental PenaltyState must equal."""
+        batch = cls.make(params, seeds, [len(o) for o in output_ids], eos_id, vocab_size,
+                         lambda v, dtype: torch.tensor(np.asarray(v), dtype=dtype).to(device))
+        if batch.use_seen:
+            batch.seen = torch.zeros((len(params), vocab_size), dtype=torch.bool)
+            for r, (prompt, out) in enumerate(zip(prompt_ids, output_ids)):
+                batch.seen[r, list(prompt) + list(out)] = True
+            batch.seen = batch.seen.to(device)
+        if batch.use_counts:
+            batch.counts = torch.zeros((len(params), vocab_size), dtype=torch.float32)
+            for r, out in enumerate(output_ids):
+                batch.counts[r].index_add_(0, torch.tensor(out, dtype=torch.int64), torch.ones(len(out)))
+            batch.counts = batch.counts.to(device)
+        return batch
 
-        def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        def flat(idx):
-            return dev(idx, torch.int64) if idx else None
+def repetition_penalty(p: SamplingParams) -> float:
+    # repetition_penalty 0 is documented as "off", like 1
+    return p.repetition_penalty if p.repetition_penalty not in (0.0, 1.0) else 1.0
 
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        return cls(
-            temperature=dev([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-            top_p=dev([p.top_p for p in params], torch.float32),
-            top_k=dev([min(max(p.top_k, 0), V) for p in params], torch.int64),
-            repetition_penalty=dev(rep, torch.float32),
-            frequency_penalty=dev([p.frequency_penalty for p in params], torch.float32),
-            presence_penalty=dev([p.presence_penalty for p in params], torch.float32),
-            # any Python int maps onto int64 by its low 64 bits, so engine seeds beyond 2**63 still work
-            seeds=dev([((s + 2**63) % 2**64) - 2**63 for s in seeds], torch.int64),
-            steps=dev([len(o) for o in output_ids], torch.int64),
-            greedy=dev(greedy, torch.bool),
-            repeat_idx=flat(repeat), output_idx=flat(counted), ban_idx=flat(banned), vocab_size=V,
-            all_greedy=all(greedy),
-            use_top_k=any(0 < p.top_k < V and not g for p, g in zip(params, greedy)),
-            use_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
-            num_logprobs=max(wanted, default=-1))
+
+def counts_outputs(p: SamplingParams) -> bool:
+    return bool(p.frequency_penalty or p.presence_penalty)
+
+
+def uses_penalties(p: SamplingParams) -> bool:
+    """Whether sampling for `p` reads token statistics (so the engine keeps them for the request)."""
+    return repetition_penalty(p) != 1.0 or counts_outputs(p)
 
 
 @dataclass
@@ -94,22 +123,38 @@ class SamplerOutput:
     top_ids: torch.Tensor | None        # [B, K] int64, K = the batch's largest `logprobs`; rows asking less slice
     top_logprobs: torch.Tensor | None   # [B, K] float32
 
+    def pack(self) -> torch.Tensor:
+        """[B, 1 (+1 + 2K)] float64 on the device: ids, logprobs, top ids, top logprobs side by side, so one
+        copy brings everything to the host (float64 holds the int ids and the float32 values exactly)."""
+        cols = [self.token_ids[:, None]]
+        if self.logprobs is not None:
+            cols.append(self.logprobs[:, None])
+        if self.top_ids is not None:
+            cols += [self.top_ids, self.top_logprobs]
+        return torch.cat([c.double() for c in cols], dim=1)
+
+
+class SampledTokens:
+    """A step's sampler output on the host, as Python lists (the inverse of SamplerOutput.pack)."""
+
+    def __init__(self, packed: np.ndarray):
+        k = (packed.shape[1] - 2) // 2
+        self.token_ids: list[int] = packed[:, 0].astype(np.int64).tolist()
+        self.logprobs: list[float] | None = packed[:, 1].tolist() if packed.shape[1] > 1 else None
+        self.top_ids: list[list[int]] | None = packed[:, 2:2 + k].astype(np.int64).tolist() if k > 0 else None
+        self.top_logprobs: list[list[float]] | None = packed[:, 2 + k:].tolist() if k > 0 else None
+
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """min_tokens ban, repetition penalty, frequency/presence penalties; returns a new [B, V] tensor."""
     logits = logits.float().clone()
-    flat = logits.view(-1)
     if batch.ban_idx is not None:
-        flat.index_fill_(0, batch.ban_idx, float("-inf"))
-    if batch.repeat_idx is not None:
-        seen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, batch.repeat_idx, True).view_as(logits)
+        logits.view(-1).index_fill_(0, batch.ban_idx, float("-inf"))
+    if batch.use_seen:
         p = batch.repetition_penalty[:, None]
-        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
-    if batch.output_idx is not None:
-        # float counts are exact up to 2**24 whatever order the scatter adds them in
-        counts = torch.zeros_like(flat).index_add_(0, batch.output_idx, torch.ones_like(batch.output_idx,
-                                                                                          dtype=flat.dtype))
-        counts = counts.view_as(logits)
+        logits = torch.where(batch.seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if batch.use_counts:
+        counts = batch.counts      # float counts: exact up to 2**24
         logits = logits - (batch.frequency_penalty[:, None] * counts
                            + batch.presence_penalty[:, None] * (counts > 0).float())
     return logits

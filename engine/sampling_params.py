@@ -6,9 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-MAX_STOP = 16            # stop strings per request
-MAX_LOGPROBS = 20        # OpenAI's top_logprobs ceiling
-MAX_SEED = 2**63 - 1     # fits an int64 tensor
+from engine.limits import ENGINE, MAX_STOP
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,9 @@ class SamplingParams:
         def bad(field: str, why: str):
             raise ValueError(f"{field}: {why}")
 
-        def number(field: str, lo: float, hi: float = math.inf):
+        def number(field: str):
+            rng = ENGINE[field]
+            lo, hi = rng.lo, math.inf if rng.hi is None else rng.hi
             v = getattr(self, field)
             # bool is an int subclass: True as a temperature is a client bug, not 1.0
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
@@ -79,20 +79,23 @@ class SamplingParams:
                 bad(field, f"must be <= {hi}, got {v!r}")
             return int(v)
 
-        def set_int(field: str, lo: int, hi: int | None = None):
+        def set_int(field: str, lo: int | None = None, hi: int | None = None):
+            rng = ENGINE.get(field)
+            lo = rng.lo if lo is None else lo
+            hi = rng.hi if hi is None and rng is not None else hi
             object.__setattr__(self, field, integer(field, getattr(self, field), lo, hi))
 
-        set_int("max_tokens", 1)
-        number("temperature", 0.0)
-        number("top_p", 0.0)
-        set_int("top_k", -1)
+        set_int("max_tokens")
+        number("temperature")
+        number("top_p")
+        set_int("top_k")
         if self.seed is not None:
-            set_int("seed", 0, MAX_SEED)
+            set_int("seed")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        number("repetition_penalty", 0.0)
-        number("frequency_penalty", -2.0, 2.0)
-        number("presence_penalty", -2.0, 2.0)
+        number("repetition_penalty")
+        number("frequency_penalty")
+        number("presence_penalty")
 
         stop = self.stop
         if isinstance(stop, str):
@@ -113,7 +116,7 @@ class SamplingParams:
 
         set_int("min_tokens", 0, self.max_tokens)
         if self.logprobs is not None:
-            set_int("logprobs", 0, MAX_LOGPROBS)
+            set_int("logprobs")
         if self.grammar is not None and not isinstance(self.grammar, str):
             bad("grammar", f"must be a compiled grammar string, got {type(self.grammar).__name__}")
 

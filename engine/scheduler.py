@@ -13,14 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
+from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256                 # requests running at once
-    max_num_batched_tokens: int = 2048      # tokens per step (the prefill chunk size when decodes are few)
-    max_model_len: int = 128_000
 
 
 @dataclass
@@ -37,7 +31,9 @@ class ScheduledRequest:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)     # blocks released this step; they wait again
+    # requests that ended (finished, aborted) since the last step: the runner forgets their per-request state
+    finished: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -45,12 +41,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        """Reads config.max_num_seqs (requests running at once) and config.max_num_batched_tokens (tokens per
+        step: the prefill chunk size when decodes are few)."""
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._finished: list[Request] = []
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -59,7 +58,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished=self._finished)
+        self._finished = []
         budget = self.config.max_num_batched_tokens
         running = list(self.running)
         i = 0
@@ -113,3 +113,4 @@ class Scheduler:
         self.block_manager.release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        self._finished.append(req)

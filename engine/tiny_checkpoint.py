@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig, TextConfig, VisionConfig
+from engine.dummy_weights import checkpoint_tensors
 from engine.weights import _HF_PREFIXES, map_name, rope_unpermute, targets
 
 TINY = ModelConfig(
@@ -33,17 +34,7 @@ PRESETS = {"tiny": TINY, "full": ModelConfig()}
 
 
 def native_keys(cfg: ModelConfig) -> list[str]:
-    keys = ["tok_embeddings.weight", "norm.weight", "output.weight", "vision_encoder.patch_conv.weight",
-            "vision_encoder.ln_pre.weight", "pre_mm_projector_norm.weight", "patch_merger.merging_layer.weight",
-            "vision_language_adapter.w_in.weight", "vision_language_adapter.w_out.weight"]
-    for i in range(cfg.text.num_hidden_layers):
-        keys += [f"layers.{i}.{n}.weight" for n in ("attention_norm", "ffn_norm", "attention.wq", "attention.wk",
-                 "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
-    for j in range(cfg.vision.num_hidden_layers):
-        keys += [f"vision_encoder.transformer.layers.{j}.{n}.weight" for n in (
-            "attention_norm", "ffn_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
-            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
-    return keys
+    return list(checkpoint_tensors(cfg, "mistral"))
 
 
 def _hf_new_key(name: str) -> str:

@@ -35,8 +35,13 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from pydantic import ValidationError
 
-# Vision settings of Mistral Small 3.1 (Pixtral-12B's bundled file has 16 / 1024 and no merge).
-V7_IMAGE_CONFIG = {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2}
+from engine.config import ImageConfig
+
+# Vision settings of Mistral Small 3.1 (Pixtral-12B's bundled file has 16 / 1024 and no merge), as tekken.json
+# spells them.
+_IMAGE = ImageConfig()
+V7_IMAGE_CONFIG = {"image_patch_size": _IMAGE.patch_size, "max_image_size": _IMAGE.max_image_size,
+                   "spatial_merge_size": _IMAGE.spatial_merge_size}
 # Serving-mode validation insists on request.model; the value itself never reaches the tokens.
 _MODEL_NAME = "mistral-small-3.1-24b-instruct"
 # mistral-common joins adjacent text chunks with this; flattening system parts the same way keeps ids equal.

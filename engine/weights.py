@@ -5,6 +5,9 @@ Two formats of the same weights exist (weights.md):
   (`language_model.model.*`) or as 5.x saves them (`model.language_model.*`);
 - "mistral" (native): params.json + consolidated.safetensors, Mistral names, q/k laid out for interleaved RoPE.
 A directory holding both is loaded in exactly one format (`load_format`).
+`load_format="dummy"` needs only the config (config.json, else params.json) and tekken.json: every tensor the
+checkpoint of that format would hold is made on the target device instead of read (engine/dummy_weights.py)
+and then goes through the same path as a real one.
 
 Loading is strict and happens in two phases: first every file's header is read and checked against the
 model (missing, unexpected, misshapen tensors and unreadable files are all reported in one error), then
@@ -28,6 +31,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -36,17 +40,20 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from engine import quant
-from engine.config import ModelConfig, load_config
+from engine.config import ModelConfig, load_config, read_config
+from engine.dummy_weights import DummyWeights
 from engine.layers.linear import Linear, LinearMethod
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
-LOAD_FORMATS = ("auto", "hf", "mistral")
+LOAD_FORMATS = ("auto", "hf", "mistral", "dummy")
 _HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json",
              "generation_config.json"]
 _NATIVE_FILES = ["params.json", "consolidated.safetensors", "tekken.json"]
+_DUMMY_FILES = ["config.json", "params.json", "tekken.json"]
+DUMMY_SOURCE = "dummy-weights"          # what errors and progress name as the "file" of dummy tensors
 
 
 class CheckpointError(RuntimeError):
@@ -59,18 +66,32 @@ class Checkpoint:
     format: str                 # "hf" or "mistral"
     config_path: Path
     files: tuple[Path, ...]     # safetensors files to read
+    dummy: bool = False         # tensors made on the device (load_format="dummy"), named as in `format`
+
+    @cached_property
+    def raw_config(self) -> dict:
+        """config.json / params.json, read once (frozen: the checkpoint's files do not change under it)."""
+        return read_config(self.config_path)
+
+    @cached_property
+    def _config(self) -> ModelConfig:
+        return load_config(self.config_path, self.raw_config)
 
     def config(self) -> ModelConfig:
-        return load_config(self.config_path)
+        return self._config
 
     def prequantized(self) -> str | None:
         """"nf4" for a bitsandbytes 4-bit checkpoint (config.json's quantization_config, as transformers
         writes it), None for full-precision weights. Other pre-quantized formats are refused by name."""
         if self.format != "hf":
             return None
-        qc = json.loads(self.config_path.read_text()).get("quantization_config")
+        qc = self.raw_config.get("quantization_config")
         if not qc:
             return None
+        if self.dummy:
+            raise CheckpointError(f"{self.config_path}: load_format='dummy' makes full-precision weights, but this "
+                                  "config describes a pre-quantized checkpoint; drop its quantization_config and "
+                                  "pass quantization='nf4' to quantize them while loading")
         method = qc.get("quant_method")
         if method == "bitsandbytes" and qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type", "nf4") == "nf4":
             return "nf4"
@@ -98,7 +119,7 @@ def resolve(model: str | os.PathLike, load_format: str = "auto", revision: str |
 def _download(repo_id: str, load_format: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = _NATIVE_FILES if load_format == "mistral" else _HF_FILES
+    patterns = {"mistral": _NATIVE_FILES, "dummy": _DUMMY_FILES}.get(load_format, _HF_FILES)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as online_error:     # offline, no network, gated repo without token, ...
@@ -114,6 +135,11 @@ def _download(repo_id: str, load_format: str, revision: str | None) -> Path:
 
 
 def _select(d: Path, load_format: str) -> Checkpoint:
+    if load_format == "dummy":      # the HF config when both exist, as "auto" prefers the HF format
+        for name, fmt in (("config.json", "hf"), ("params.json", "mistral")):
+            if (d / name).is_file():
+                return Checkpoint(d, fmt, d / name, (d / DUMMY_SOURCE,), dummy=True)
+        raise CheckpointError(f"{d}: load_format 'dummy' needs config.json or params.json (and tekken.json)")
     hf_files = sorted(d.glob("model*.safetensors"))
     has_hf = (d / "config.json").is_file() and bool(hf_files)
     has_native = (d / "params.json").is_file() and (d / "consolidated.safetensors").is_file()
@@ -277,7 +303,7 @@ def plan(ckpt: Checkpoint, model: torch.nn.Module, prequantized: str | None = No
     bad_files, unexpected, misshapen, duplicate, bad_dtype = [], [], [], [], []
     for f in ckpt.files:
         try:
-            with safe_open(f, framework="pt") as st:
+            with _open(ckpt, f) as st:
                 for key in st.keys():
                     sl = st.get_slice(key)
                     shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
@@ -331,6 +357,14 @@ def plan(ckpt: Checkpoint, model: torch.nn.Module, prequantized: str | None = No
         raise CheckpointError(f"checkpoint {ckpt.directory} ({ckpt.format} format) does not match "
                               f"Mistral3ForConditionalGeneration:\n" + "\n".join(problems))
     return sorted(entries.values(), key=lambda e: (str(e.file), e.key))
+
+
+def _open(ckpt: Checkpoint, f: Path, device: torch.device | str = "cpu"):
+    """A safetensors file opened for reading, tensors to the host; for a dummy checkpoint, the stand-in that
+    makes each tensor on `device` when it is asked for."""
+    if ckpt.dummy:
+        return DummyWeights(ckpt.config(), ckpt.format, device)
+    return safe_open(f, framework="pt", device="cpu")
 
 
 def _bnb_part(key: str, dtype: str) -> str | None:
@@ -387,14 +421,18 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
     model = materialize(cfg, device, dtype, quantization)
     where = targets(model)
     written = set()
+    if ckpt.dummy:
+        log.warning("%s: load_format='dummy': random weights made on %s, not read from disk", ckpt.directory,
+                    device)
     bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress,
-               desc=f"loading {ckpt.format} weights" + (f" as {quantization}" if quantization else ""))
+               desc=f"{'making dummy' if ckpt.dummy else 'loading'} {ckpt.format} weights"
+               + (f" as {quantization}" if quantization else ""))
     by_file: dict[Path, list[_Entry]] = {}
     for e in entries:
         by_file.setdefault(e.file, []).append(e)
     for f, file_entries in by_file.items():
         try:
-            with safe_open(f, framework="pt", device="cpu") as st:
+            with _open(ckpt, f, device) as st:
                 for e in file_entries:
                     target = where[e.param]
                     if e.parts:

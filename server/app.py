@@ -1,4 +1,4 @@
-"""The FastAPI app: the Workers AI route, the OpenAI-compatible API, health, metrics.
+"""The FastAPI app: the Workers AI route, the OpenAI-compatible API, health, metrics, the OpenAPI spec.
 
 One engine per process (an AsyncLLM). Errors are rendered in the shape of the route they happen on:
 OpenAI's error object under /v1 and /client/v4/accounts/*/ai/v1, the Cloudflare v4 envelope elsewhere.
@@ -6,10 +6,8 @@ OpenAI's error object under /v1 and /client/v4/accounts/*/ai/v1, the Cloudflare 
 
 from __future__ import annotations
 
-import hmac
-import logging
+import dataclasses
 import os
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,86 +16,71 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM
-from server import openai_api, workers
-from server.errors import AUTH, BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, render
-from server.generation import ServerSettings, ServerState
+from server import openai_api, openapi, workers
+from server.config import API_KEY_ENV, ServerSettings
+from server.errors import BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, is_openai_path, render
 from server.metrics import Metrics
+from server.security import Gate
+from server.state import ServerState
 
-log = logging.getLogger(__name__)
-OPEN_PATHS = ("/health", "/metrics", "/static/", "/playground")
-API_KEY_ENV = "MISTRAL_SMALL_API_KEY"
-
-
-def _is_openai(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1" or ("/ai/v1/" in path and path.startswith("/client/v4/"))
+DESCRIPTION = ("Mistral Small 3.1 24B Instruct (2503) served locally with the hosted Workers AI contract "
+               "(`@cf/mistralai/mistral-small-3.1-24b-instruct`) and an OpenAI-compatible API.")
 
 
 def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) -> FastAPI:
     """`engine` may be None while the model loads (health answers 503); set `app.state.server.engine` later."""
     settings = settings or ServerSettings()
     if settings.api_key is None and os.environ.get(API_KEY_ENV):
-        settings.api_key = os.environ[API_KEY_ENV]
+        settings = dataclasses.replace(settings, api_key=os.environ[API_KEY_ENV])
     state = ServerState(settings, engine)
     state.metrics = Metrics(lambda: state.engine, settings.model_names[0])
-    app = FastAPI(title="Mistral Small 3.1 local engine", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Mistral Small 3.1 local engine", description=DESCRIPTION, version=_version(),
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     app.include_router(workers.router)
     app.include_router(openai_api.router)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        key = settings.api_key
-        path = request.url.path
-        if key and not path.startswith(OPEN_PATHS):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-auth-key", "")
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                return render(ApiError(401, AUTH, "Authentication error", openai_code="invalid_api_key"),
-                              _is_openai(path))
-        try:
-            return await call_next(request)
-        except Exception as err:    # noqa: BLE001 - answered here: Starlette's ServerErrorMiddleware would
-            return _internal(request, err)  # re-raise it and uvicorn would then drop the keep-alive connection
+    openapi.install(app)
+    app.add_middleware(Gate, get_settings=lambda: state.settings)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
-        return render(err, _is_openai(request.url.path))
+        return render(err, is_openai_path(request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         path, method = request.url.path, request.method
         if err.status_code == 405:
-            e = ApiError(405, BAD_METHOD, f"{method} not supported for requested URI.")
+            e = ApiError(405, BAD_METHOD, f"{method} not supported for requested URI.", headers=err.headers)
         elif err.status_code == 404:
             e = ApiError(404, NO_ROUTE, "No route for that URI")
         else:
-            e = ApiError(err.status_code, INTERNAL, str(err.detail))
-        return render(e, _is_openai(path))
+            e = ApiError(err.status_code, INTERNAL, str(err.detail), headers=err.headers)
+        return render(e, is_openai_path(path))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
-        return render(bad_input(str(err)), _is_openai(request.url.path))
+        return render(bad_input(str(err)), is_openai_path(request.url.path))
 
-    def _internal(request: Request, err: Exception):
-        rid = uuid.uuid4().hex[:12]
-        log.error("internal error, request id %s", rid, exc_info=err)
-        return render(ApiError(500, INTERNAL, f"Internal server error (request id {rid}); see the server log"),
-                      _is_openai(request.url.path))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception):
-        return _internal(request, err)
-
-    @app.get("/health")
+    @app.get("/health", summary="Ready (200), loading or stopped (503)",
+             responses={503: {"description": "Loading, or the engine stopped"}})
     async def health():
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         if state.engine.is_dead:
             return JSONResponse({"status": "dead", "error": repr(state.engine.error)}, status_code=503)
-        return {"status": "ok", "model": settings.model_names[0], "demo": settings.demo}
+        return {"status": "ok", "model": state.settings.model_names[0], "demo": state.settings.demo}
 
-    @app.get("/metrics")
+    @app.get("/metrics", summary="Prometheus metrics (vLLM's names)",
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mistral-small-engine")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import logging
 import mimetypes
 import os
 import sys
 from pathlib import Path
+
+from engine.config import EngineConfig
+from server.config import ServerSettings
+from server.flags import add_flags, add_sampling_flags, from_args, sampling_from_args
 
 DEMO_DIR = Path(os.environ.get("MISTRAL_SMALL_DEMO_DIR", Path.home() / ".cache" / "mistral-small-engine" / "demo"))
 log = logging.getLogger("server")
@@ -43,29 +48,17 @@ def _image_part(path: str) -> dict:
 
 
 def _engine_kwargs(args) -> dict:
-    kw = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-          "gpu_memory_utilization": args.kv_memory_fraction}
-    if args.kv_cache_gib is not None:
-        kw["kv_cache_memory"] = int(args.kv_cache_gib * 2**30)
-    if args.quantization is not None:
-        kw["quantization"] = args.quantization
-    if args.kv_cache_dtype != "auto":
-        kw["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.enforce_eager:
-        kw["enforce_eager"] = True
-    if args.attention_backend != "auto":
-        kw["attention_backend"] = args.attention_backend
-    return kw
+    """EngineConfig from the flags given (the rest keep their defaults), as LLMEngine's keyword arguments."""
+    return dataclasses.asdict(from_args(EngineConfig, args))
 
 
 def _model(args) -> tuple[str, bool]:
-    return (args.model, False) if args.model else default_model()
+    # dummy weights are random too: served answers are labelled DEMO like the demo checkpoint's
+    return (args.model, args.load_format == "dummy") if args.model else default_model()
 
 
 def _sampling(args):
-    from engine import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+    return sampling_from_args(args)
 
 
 def _stream(engine, prompt, params, raw=False) -> object:
@@ -86,8 +79,8 @@ def cmd_serve(args) -> int:
 
     from engine.async_llm import AsyncLLM
     from server.app import create_app
-    from server.generation import CLOUDFLARE_MODEL, ServerSettings
 
+    settings = from_args(ServerSettings, args)
     model, demo = _model(args)
     if demo:
         log.warning("DEMO MODE: serving a random-weight checkpoint from %s; answers are meaningless. Pass --model "
@@ -95,17 +88,16 @@ def cmd_serve(args) -> int:
     llm = AsyncLLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
                    **_engine_kwargs(args))
     eng = llm.engine
-    names = (args.served_model_name or CLOUDFLARE_MODEL, "mistralai/Mistral-Small-3.1-24B-Instruct-2503")
-    settings = ServerSettings(model_names=names, api_key=args.api_key, max_queue=args.max_queue,
-                              stream_padding=not args.no_stream_padding, demo=demo, model_path=str(model))
+    settings = dataclasses.replace(settings, demo=demo, model_path=str(model))
     app = create_app(llm, settings)
+    eng.warm_grammars()         # llguidance's tokenizer (seconds) is built in the background, not on first use
     weights = sum(p.nbytes for p in eng.model.parameters())
     print(f"{'DEMO (random weights) ' if demo else ''}model {eng.checkpoint.directory} ({eng.checkpoint.format}) | "
           f"{str(eng.dtype).removeprefix('torch.')} on {eng.device} | memory {weights / 2**30:.2f} GiB weights + "
           f"{eng.runner.kv_cache.nbytes / 2**30:.2f} GiB KV | KV capacity {eng.runner.capacity_tokens:,} tokens | "
-          f"loaded in {eng.load_seconds:.1f} s | http://{args.host}:{args.port}", flush=True)
+          f"loaded in {eng.load_seconds:.1f} s | http://{settings.host}:{settings.port}", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     finally:
         llm.shutdown()
     return 0
@@ -114,6 +106,7 @@ def cmd_serve(args) -> int:
 def cmd_run(args) -> int:
     from engine.llm_engine import LLMEngine
 
+    params = _sampling(args)        # bad flags fail before the model loads
     model, demo = _model(args)
     engine = LLMEngine(model, args.device, args.dtype, args.load_format, **_engine_kwargs(args))
     if args.raw:
@@ -126,7 +119,7 @@ def cmd_run(args) -> int:
             [{"role": "user", "content": content}]
     if demo:
         print("[DEMO: random weights, the output is meaningless]", file=sys.stderr)
-    out = _stream(engine, prompt, _sampling(args), raw=args.raw)
+    out = _stream(engine, prompt, params, raw=args.raw)
     print(f"[{out.usage.prompt_tokens} prompt + {out.usage.completion_tokens} completion tokens, "
           f"finish: {out.finish_reason}]", file=sys.stderr)
     return 0
@@ -135,13 +128,13 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     from engine.llm_engine import LLMEngine
 
+    params = _sampling(args)
     model, demo = _model(args)
     engine = LLMEngine(model, args.device, args.dtype, args.load_format, **_engine_kwargs(args))
     print(("DEMO (random weights). " if demo else "") +
           "Chat: type a message; /image PATH attaches an image to the next message; /reset; /exit.")
     history = [{"role": "system", "content": args.system}] if args.system else []
     images: list[dict] = []
-    params = _sampling(args)
     while True:
         try:
             line = input("you> " if sys.stdin.isatty() else "").strip()
@@ -176,35 +169,17 @@ def cmd_chat(args) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or hub id (default: the real model if cached, else a demo)")
-    p.add_argument("--load-format", choices=["auto", "hf", "mistral"], default="auto")
+    p.add_argument("--load-format", choices=["auto", "hf", "mistral", "dummy"], default="auto",
+                   help="dummy: random weights made on the device; the directory needs only config.json or "
+                        "params.json + tekken.json (benchmarks)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
-    p.add_argument("--max-model-len", type=int, default=128_000, help="context window (up to 131072)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kv-memory-fraction", type=float, default=0.90,
-                   help="fraction of GPU memory the engine may fill, KV pool included")
-    p.add_argument("--kv-cache-gib", type=float, help="KV pool size in GiB (default: measured; 2 on CPU)")
-    p.add_argument("--quantization", choices=["nf4", "int8", "fp8"],
-                   help="quantize the decoder linears while loading (nf4/int8 need bitsandbytes: the quant "
-                        "extra); see weights.md")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                   help="fp8: a float8_e4m3fn KV cache with per-block scales, twice the tokens (default: the "
-                        "model dtype)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="run every step eagerly: no CUDA graphs (by default decode batches up to 128, 64 with "
-                        "nf4, replay CUDA graphs on a GPU; never with int8)")
-    p.add_argument("--attention-backend", choices=["auto", "triton", "reference"], default="auto",
-                   help="attention kernels: triton (one paged kernel per layer; the CUDA default) or the "
-                        "PyTorch reference (the CPU default)")
+    add_flags(p, EngineConfig)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.15)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
+    add_sampling_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,14 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (Workers AI + OpenAI routes)")
     _common(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("MISTRAL_SMALL_API_KEY"),
-                       help="bearer token every API route requires (env MISTRAL_SMALL_API_KEY)")
-    serve.add_argument("--max-queue", type=int, default=512, help="waiting requests before 429")
-    serve.add_argument("--served-model-name", help="model name of the routes (default: the Workers AI name)")
-    serve.add_argument("--no-stream-padding", action="store_true", help="omit the random 'p' field in streams")
-    serve.add_argument("--log-level", default="info")
+    add_flags(serve, ServerSettings)
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level")
     serve.set_defaults(func=cmd_serve)
     run = sub.add_parser("run", help="generate one answer to a prompt, streamed to the terminal")
     run.add_argument("prompt")

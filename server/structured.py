@@ -35,6 +35,26 @@ def parse_tools(tools) -> list[dict] | None:
     return out or None
 
 
+def tool_choice(choice, tools: list[dict] | None) -> str | None:
+    """OpenAI's / Workers' tool_choice -> "auto" | "none" | "required" | a tool's name; None without tools."""
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_input('tool_choice must be "auto", "none", "required" or '
+                            '{"type": "function", "function": {"name": ...}}', "tool_choice")
+        choice = fn["name"]
+    elif choice is not None and choice not in ("auto", "none", "required"):
+        raise bad_input(f"tool_choice {choice!r} is not one of auto, none, required or a named function",
+                        "tool_choice")
+    if tools is None:
+        if choice not in (None, "auto", "none"):
+            raise bad_input(f"tool_choice {choice!r} needs tools", "tool_choice")
+        return None
+    if choice not in (None, "auto", "none", "required") and choice not in [t["name"] for t in tools]:
+        raise bad_input(f"tool_choice names {choice!r}, which is not among the tools", "tool_choice")
+    return choice or "auto"
+
+
 def response_schema(response_format, guided_json=None) -> dict | None:
     """The JSON schema a request asks its answer to match: `guided_json` (Workers), or `response_format`
     json_object / json_schema (a bare schema, or OpenAI's {name, schema, strict} wrapper)."""

@@ -1,6 +1,7 @@
 """Shared fixtures: random-weight checkpoints of the real architecture, written once per session."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def hf_model(tiny_dir):
     from transformers import Mistral3ForConditionalGeneration
     return Mistral3ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32,
                                                             attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def chromium():
+    """Debian's headless Chromium driven by Playwright (no browser download): `/usr/bin/chromium`. Per test:
+    Playwright's sync API runs an event loop on this thread while it is open, which asyncio.run() elsewhere
+    would trip over."""
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).is_file():
+        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()

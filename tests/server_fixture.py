@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import uvicorn
 from engine.async_llm import AsyncLLM
 from engine.llm_engine import LLMEngine
 from server.app import create_app
-from server.generation import ServerSettings
+from server.config import ServerSettings
 
 KV_BYTES = 64 * 2**20
 
@@ -55,15 +56,13 @@ class LiveServer:
 
     @contextlib.contextmanager
     def override(self, **changes):
-        """Change ServerSettings fields for the duration of a block (the app reads them per request)."""
-        old = {k: getattr(self.settings, k) for k in changes}
-        for k, v in changes.items():
-            setattr(self.settings, k, v)
+        """Other ServerSettings for the duration of a block (the app reads them per request)."""
+        old = self.state.settings
+        self.state.settings = dataclasses.replace(old, **changes)
         try:
-            yield self.settings
+            yield self.state.settings
         finally:
-            for k, v in old.items():
-                setattr(self.settings, k, v)
+            self.state.settings = old
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """True once the engine has nothing left to run (polled from the test thread)."""

@@ -26,7 +26,7 @@ def test_run_prints_the_answer(tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--temperature", "-1"], "temperature: must be >= 0"),
+    (["--temperature", "-1"], "temperature: must be between 0 and 5"),      # the Workers AI range
     (["--image", "/dev/null"], "image data is empty"),
     (["--model", "/nonexistent/dir"], "not a model directory"),
 ])

@@ -79,7 +79,7 @@ def test_decode_through_graph_buffers_equals_eager(tiny_dir, monkeypatch, kv, ba
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,kv", [("float32", "auto"), ("bfloat16", "auto"), ("bfloat16", "fp8")])
 def test_captured_graphs_equal_eager_on_gpu(tiny_dir, dtype, kv):
-    """The real capture and replay (benchmarks/gpu_suite.sh runs the gpu tests)."""
+    """The real capture and replay (benchmarks/gpu_check.sh runs the gpu tests)."""
     prompts = [list(range(1000, 1000 + n)) for n in (3, 17, 33, 8, 50)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (4, 7, 9, 12, 14)]
     outs = {}

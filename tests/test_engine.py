@@ -111,7 +111,7 @@ def test_non_contiguous_blocks_after_churn(tiny_dir, alone):
                  [SamplingParams(max_tokens=1 + 7 * (i % 4), temperature=0, ignore_eos=True) for i in range(9)])
     rid = eng.add_request(mixed_prompts()[3], GREEDY)
     eng.step()
-    blocks = list(eng.requests[rid].request.block_ids)
+    blocks = list(eng.core.requests[rid].block_ids)
     assert len(blocks) > 1 and any(b2 != b1 + 1 for b1, b2 in zip(blocks, blocks[1:])), blocks
     assert run_to_end(eng) == {rid: alone[3]}
     idle_and_clean(llm)

@@ -108,7 +108,7 @@ def test_repetition_penalty_exact():
     assert (got[0, [1, 2, 3, 5]] != logits[0, [1, 2, 3, 5]]).all()  # the data has no zero logit
     for rp in (0.0, 1.0):  # both mean "off": no change, and the work is skipped
         b = build([SP(repetition_penalty=rp)] * 3, prompts, outputs, vocab=20)
-        assert b.repeat_idx is None and torch.equal(apply_penalties(logits, b), logits)
+        assert not b.use_seen and b.seen is None and torch.equal(apply_penalties(logits, b), logits)
 
 
 def test_frequency_presence_exact():
@@ -120,7 +120,7 @@ def test_frequency_presence_exact():
     want[0, 4], want[0, 7] = -3 * 0.5 - 0.25, -0.5 - 0.25
     want[1, 4], want[1, 7] = 3 * 2 + 1, 2 + 1   # negative penalties encourage repeats
     assert torch.equal(got, want)               # prompt token 9 untouched: OpenAI counts generated tokens only
-    assert build([SP()] * 2, outputs=[[1], [2]]).output_idx is None
+    assert build([SP()] * 2, outputs=[[1], [2]]).counts is None
 
 
 def test_min_tokens_bans_eos_and_stop_ids_until_reached():

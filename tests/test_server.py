@@ -28,8 +28,8 @@ from server_fixture import free_port, start_server, tiny_engine
 from util import data_uri
 
 from engine.async_llm import AsyncLLM
-from server.app import API_KEY_ENV, create_app
-from server.generation import CLOUDFLARE_MODEL, ServerSettings
+from server.app import create_app
+from server.config import API_KEY_ENV, CLOUDFLARE_MODEL, ServerSettings
 
 CF = CLOUDFLARE_MODEL
 ACCOUNT = "acct"
@@ -678,7 +678,7 @@ def test_internal_error_500_with_request_id(live, http, monkeypatch, caplog):
 
 def test_health_loading_and_engine_death(tiny_dir, no_env_key):
     app = create_app(None, ServerSettings())
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert cf_error(c.post(RUN, json={"prompt": "hi"}), 503, 3040)

@@ -26,7 +26,7 @@ from server_fixture import start_server, tiny_engine
 from engine.guided import TOOL_CALLS_ID
 from engine.sampling_params import SamplingParams
 from engine.tool_calls import _hash_id
-from server.generation import CLOUDFLARE_MODEL, ServerSettings
+from server.config import CLOUDFLARE_MODEL, ServerSettings
 from server.structured import parse_tools
 
 TOKEN = "test-token"

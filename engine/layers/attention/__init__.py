@@ -16,12 +16,12 @@ import logging
 import torch
 from torch import nn
 
+from engine.config import ATTENTION_BACKENDS as BACKENDS
 from engine.forward_context import ForwardContext
 from engine.layers import triton_support
 from engine.layers.attention.backend import AttentionBackend
 from engine.layers.attention.reference import ReferenceBackend
 
-BACKENDS = ("auto", "triton", "reference")
 log = logging.getLogger(__name__)
 
 
