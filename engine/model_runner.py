@@ -54,20 +54,18 @@ class ModelRunner:
             * self.kv_dtype.itemsize
         if fp8_kv:     # + one float32 scale per (layer, K/V, block, KV head)
             self.block_bytes += 2 * t.num_hidden_layers * t.num_key_value_heads * 4
-        # the budget holds one more block than requests get: the scratch block, where the padding rows of
-        # CUDA-graph batches write (and read) their K/V
-        self.num_blocks = self._kv_budget() // self.block_bytes - 1
+        reason = self._no_graphs_reason()
+        if reason is not None and self.device.type == "cuda":
+            log.info("CUDA graphs off: %s", reason)
+        # With CUDA graphs the budget holds one more block than requests get: the scratch block, where the
+        # padding rows of graph batches write (and read) their K/V
+        self.num_blocks = self._kv_budget() // self.block_bytes - (reason is None)
         if self.num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (one block needs {self.block_bytes} bytes); "
                                "lower max_num_batched_tokens or raise gpu_memory_utilization / kv_cache_memory")
-        self.scratch_block = self.num_blocks
-        self.kv_cache, self.kv_scales, self.kv_caches = self._allocate_pool(self.num_blocks + 1)
-        self.graphs = None
-        reason = self._no_graphs_reason()
-        if reason is None:
-            self.graphs = self.make_graphs(capture=True)
-        elif self.device.type == "cuda":
-            log.info("CUDA graphs off: %s", reason)
+        self.scratch_block = self.num_blocks if reason is None else None
+        self.kv_cache, self.kv_scales, self.kv_caches = self._allocate_pool(self.num_blocks + (reason is None))
+        self.graphs = None if reason else self.make_graphs(capture=self.device.type == "cuda")
 
     def _allocate_pool(self, blocks: int):
         """[layers, 2, blocks, block_size, kv_heads, head_dim] (+ fp8 scales [layers, 2, blocks, kv_heads],
@@ -93,8 +91,8 @@ class ModelRunner:
         return None
 
     def make_graphs(self, capture: bool) -> DecodeGraphs:
-        """Decode CUDA graphs over the ladder of batch sizes; `capture=False` (CPU tests) runs them eagerly
-        through the same static buffers and padding."""
+        """Decode CUDA graphs over the ladder of batch sizes; `capture=False` (CPU tests, which let the runner
+        use graphs there) runs them eagerly through the same static buffers and padding."""
         start = time.perf_counter()
         # nf4 batches above the Triton kernel's 64 rows go through bitsandbytes, which is not known to be
         # capturable: those batches stay eager

@@ -115,23 +115,22 @@ def test_store_kernel_equals_reference_step_by_step():
 
 
 class Allocations(TorchDispatchMode):
-    """Records the element count of every new storage an op creates (views and in-place ops create
-    none). Triton kernels allocate nothing themselves (registers and shared memory only), so every
-    byte a backend uses passes through here."""
+    """Records the element count of every tensor an op allocates: an output whose storage is none of the
+    op's inputs' (views, in-place and out= ops return an input's storage). Triton kernels allocate nothing
+    themselves (registers and shared memory only), so every byte a backend uses passes through here."""
 
     def __init__(self):
         super().__init__()
-        self.seen, self.sizes = set(), []
+        self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(a, torch.Tensor):          # storages that existed before: views of them are no allocation
-                self.seen.add(a.untyped_storage().data_ptr())
+        inputs = {a.untyped_storage().data_ptr() if isinstance(a, torch.Tensor) else a.data_ptr()
+                  for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage))}
         out = func(*args, **kwargs)
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
-                self.seen.add(t.untyped_storage().data_ptr())
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.sizes.append(t.untyped_storage().nbytes() // max(t.element_size(), 1))
         return out
 

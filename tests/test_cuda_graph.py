@@ -8,6 +8,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.cuda_graph import DecodeGraphs, batch_sizes
+from engine.model_runner import ModelRunner
 from engine.layers.attention import REFERENCE
 from engine.layers.attention.triton_unified import TritonBackend
 
@@ -37,13 +38,17 @@ def test_graphs_are_the_cuda_default_and_off_with_a_reason(tiny_dir):
     assert runner._no_graphs_reason() is None            # the Triton store needs no data-dependent shapes
 
 
-def test_capture_failure_names_enforce_eager(tiny_dir):
-    runner = make(tiny_dir).engine.runner
+def test_capture_failure_names_enforce_eager(tiny_dir, monkeypatch):
+    runner = make(tiny_dir, graphs=True, monkeypatch=monkeypatch).engine.runner
     with pytest.raises(RuntimeError, match="--enforce-eager"):
         runner.make_graphs(capture=True)                 # no CUDA here: the capture itself fails
 
 
-def make(tiny_dir, **kw):
+def make(tiny_dir, graphs=False, monkeypatch=None, **kw):
+    """The tiny engine on CPU; `graphs=True` lets the runner use its decode graphs there, replayed eagerly
+    through their static buffers (capture=False) with the scratch block taken out of the KV budget."""
+    if graphs:
+        monkeypatch.setattr(ModelRunner, "_no_graphs_reason", lambda self: None)
     return LLM(tiny_dir, device="cpu", dtype="float32", progress=False, enable_prefix_caching=False,
                kv_cache_memory=8 * 2**20, max_model_len=256, max_num_seqs=16, **kw)
 
@@ -58,12 +63,13 @@ def test_decode_through_graph_buffers_equals_eager(tiny_dir, monkeypatch, kv, ba
     writes, all to one scratch slot."""
     prompts = [list(range(1000, 1000 + n)) for n in lens]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in tokens]
-    eager = [o.token_ids for o in make(tiny_dir, kv_cache_dtype=kv, attention_backend=backend).generate(prompts, params)]
-    llm = make(tiny_dir, kv_cache_dtype=kv, attention_backend=backend)
+    plain = make(tiny_dir, kv_cache_dtype=kv, attention_backend=backend)
+    eager = [o.token_ids for o in plain.generate(prompts, params)]
+    llm = make(tiny_dir, graphs=True, monkeypatch=monkeypatch, kv_cache_dtype=kv, attention_backend=backend)
     runner = llm.engine.runner
-    runner.graphs = runner.make_graphs(capture=False)
-    assert isinstance(runner.graphs, DecodeGraphs) and runner.graphs.scratch == runner.num_blocks
-    assert runner.kv_cache.shape[2] == runner.num_blocks + 1
+    assert isinstance(runner.graphs, DecodeGraphs) and not runner.graphs.capture
+    assert runner.graphs.scratch == runner.num_blocks == plain.engine.runner.num_blocks - 1
+    assert runner.kv_cache.shape[2] == runner.num_blocks + 1 == plain.engine.runner.kv_cache.shape[2]
     runner.kv_cache.fill_(float("nan"))
     sizes = []
     run = runner.graphs.run

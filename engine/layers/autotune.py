@@ -29,6 +29,7 @@ from engine.layers.triton_support import interpreting, triton
 log = logging.getLogger(__name__)
 REPS = 5
 _memory: dict[str, dict] = {}
+_chosen: dict[tuple, dict] = {}         # the same choices by a cheap key, for the per-launch lookup
 
 
 def cache_path() -> Path | None:
@@ -43,9 +44,13 @@ def pick(kernel: str, shape_class: tuple, candidates: list[dict], run: Callable[
     """The candidate `run(config)` is fastest with on `device`; candidates[0] off CUDA or while capturing."""
     if device.type != "cuda" or interpreting() or len(candidates) == 1:
         return candidates[0]
+    fast = (kernel, shape_class, device.index, tuple(tuple(sorted(c.items())) for c in candidates))
+    if fast in _chosen:
+        return _chosen[fast]
     if torch.cuda.is_current_stream_capturing():
         return _memory.get(_key(kernel, shape_class, candidates, device), candidates[0])
-    return choose(_key(kernel, shape_class, candidates, device), candidates, lambda c: _time(run, c))
+    _chosen[fast] = choose(_key(kernel, shape_class, candidates, device), candidates, lambda c: _time(run, c))
+    return _chosen[fast]
 
 
 def choose(key: str, candidates: list[dict], measure: Callable[[dict], float]) -> dict:
