@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import llguidance as llg
 import torch
+from jsonschema.validators import validator_for
 
 from engine.tokenizer import Tokenizer
 
@@ -67,10 +68,7 @@ class GrammarCompiler:
         if not isinstance(schema, dict):
             raise GrammarError("a JSON schema must be an object")
         try:
-            from jsonschema.validators import validator_for
             validator_for(schema).check_schema(schema)
-        except ImportError:
-            pass
         except Exception as e:       # jsonschema.SchemaError
             raise GrammarError(f"invalid JSON schema: {getattr(e, 'message', e)}") from None
         try:

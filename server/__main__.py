@@ -5,6 +5,6 @@ import sys
 from server.cli import main
 
 argv = sys.argv[1:]
-if not argv or argv[0] not in ("serve", "run", "chat", "-h", "--help"):
+if not argv or argv[0] not in ("serve", "run", "chat", "download", "-h", "--help", "--version"):
     argv = ["serve"] + argv
 sys.exit(main(argv))

@@ -22,6 +22,7 @@ from server.errors import BAD_METHOD, INTERNAL, NO_ROUTE, ApiError, bad_input, i
 from server.metrics import Metrics
 from server.security import Gate
 from server.state import ServerState
+from server.version import version_info
 
 DESCRIPTION = ("Mistral Small 3.1 24B Instruct (2503) served locally with the hosted Workers AI contract "
                "(`@cf/mistralai/mistral-small-3.1-24b-instruct`) and an OpenAI-compatible API.")
@@ -34,7 +35,9 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
         settings = dataclasses.replace(settings, api_key=os.environ[API_KEY_ENV])
     state = ServerState(settings, engine)
     state.metrics = Metrics(lambda: state.engine, settings.model_names[0])
-    app = FastAPI(title="Mistral Small 3.1 local engine", description=DESCRIPTION, version=_version(),
+    running = version_info()        # probed here, once, not on the event loop
+    app = FastAPI(title="Mistral Small 3.1 local engine", description=DESCRIPTION,
+                  version=running["version"] or "0+unknown",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     app.include_router(workers.router)
@@ -70,17 +73,13 @@ def create_app(engine: AsyncLLM | None, settings: ServerSettings | None = None) 
             return JSONResponse({"status": "dead", "error": repr(state.engine.error)}, status_code=503)
         return {"status": "ok", "model": state.settings.model_names[0], "demo": state.settings.demo}
 
+    @app.get("/version", summary="Package version, git commit, torch, CUDA (as `mistral-small --version`)")
+    async def version():
+        return running
+
     @app.get("/metrics", summary="Prometheus metrics (vLLM's names)",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("mistral-small-engine")
-    except PackageNotFoundError:
-        return "0+unknown"

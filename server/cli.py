@@ -1,4 +1,5 @@
-"""Command line: `serve` (HTTP server), `run` (one prompt, streamed), `chat` (interactive terminal chat).
+"""Command line: `serve` (HTTP server), `run` (one prompt, streamed), `chat` (interactive terminal chat),
+`download` (the weights, into the Hugging Face cache), `--version`.
 
 Without --model the real checkpoint is used when a complete copy is in the local Hugging Face cache;
 otherwise a random-weight demo checkpoint is generated once and everything it answers is labelled DEMO.
@@ -8,11 +9,10 @@ A model named with --model is never replaced: if it fails to load, the command f
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import logging
-import mimetypes
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -28,23 +28,18 @@ def default_model() -> tuple[str, bool]:
     """(model, is_demo). Only used without --model."""
     from huggingface_hub import snapshot_download
 
-    from engine.weights import _HF_FILES, DEFAULT_MODEL
-    try:
-        return snapshot_download(DEFAULT_MODEL, allow_patterns=_HF_FILES, local_files_only=True), False
-    except Exception:
-        pass
+    from engine.weights import _HF_FILES, _NATIVE_FILES, DEFAULT_MODEL
+    for patterns in (_HF_FILES, _NATIVE_FILES):     # either format, as `mistral-small download` fetches them
+        try:
+            return snapshot_download(DEFAULT_MODEL, allow_patterns=patterns, local_files_only=True), False
+        except Exception:
+            pass
     if not (DEMO_DIR / "config.json").is_file():
         from engine.tiny_checkpoint import write_checkpoint
         print(f"DEMO: {DEFAULT_MODEL} is not in the local cache (see weights.md); writing a random-weight demo "
               f"checkpoint to {DEMO_DIR}", file=sys.stderr)
         write_checkpoint(DEMO_DIR, fmt="hf")
     return str(DEMO_DIR), True
-
-
-def _image_part(path: str) -> dict:
-    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
 
 
 def _engine_kwargs(args) -> dict:
@@ -61,17 +56,26 @@ def _sampling(args):
     return sampling_from_args(args)
 
 
-def _stream(engine, prompt, params, raw=False) -> object:
-    """Generate one answer on a synchronous LLMEngine, printing text as it is decided."""
-    rid = engine.add_request(prompt, params, raw=raw)
-    out = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.request_id == rid:
-                out = o
-                print(o.delta_text, end="", flush=True)
-    print()
-    return out
+def _engine(args):
+    """(synchronous LLMEngine, is_demo) for `run` and `chat`."""
+    from engine.llm_engine import LLMEngine
+
+    model, demo = _model(args)
+    return LLMEngine(model, args.device, args.dtype, args.load_format, **_engine_kwargs(args)), demo
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Fail before the model loads (minutes for the real one) when the address cannot be listened on.
+    SO_REUSEADDR as uvicorn sets it, so a port in TIME_WAIT is not mistaken for a busy one."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}. Is another server running there? "
+                      f"Choose another --port (or --host).") from None
 
 
 def cmd_serve(args) -> int:
@@ -81,6 +85,7 @@ def cmd_serve(args) -> int:
     from server.app import create_app
 
     settings = from_args(ServerSettings, args)
+    check_bindable(settings.host, settings.port)
     model, demo = _model(args)
     if demo:
         log.warning("DEMO MODE: serving a random-weight checkpoint from %s; answers are meaningless. Pass --model "
@@ -104,67 +109,52 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from engine.llm_engine import LLMEngine
+    from server.terminal import image_part, stream_answer
 
     params = _sampling(args)        # bad flags fail before the model loads
-    model, demo = _model(args)
-    engine = LLMEngine(model, args.device, args.dtype, args.load_format, **_engine_kwargs(args))
+    engine, demo = _engine(args)
     if args.raw:
         if args.image:
             raise ValueError("--raw prompts cannot carry images")
         prompt = args.prompt
     else:
-        content = [{"type": "text", "text": args.prompt}] + [_image_part(p) for p in args.image]
+        content = [{"type": "text", "text": args.prompt}] + [image_part(p) for p in args.image]
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": content}]
     if demo:
         print("[DEMO: random weights, the output is meaningless]", file=sys.stderr)
-    out = _stream(engine, prompt, params, raw=args.raw)
+    out = stream_answer(engine, prompt, params, raw=args.raw)
     print(f"[{out.usage.prompt_tokens} prompt + {out.usage.completion_tokens} completion tokens, "
           f"finish: {out.finish_reason}]", file=sys.stderr)
-    return 0
+    return 130 if out.finish_reason == "cancelled" else 0     # 130: stopped by Ctrl-C, as shells report it
 
 
 def cmd_chat(args) -> int:
-    from engine.llm_engine import LLMEngine
+    from server.chat import Chat
 
     params = _sampling(args)
-    model, demo = _model(args)
-    engine = LLMEngine(model, args.device, args.dtype, args.load_format, **_engine_kwargs(args))
-    print(("DEMO (random weights). " if demo else "") +
-          "Chat: type a message; /image PATH attaches an image to the next message; /reset; /exit.")
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    images: list[dict] = []
-    while True:
-        try:
-            line = input("you> " if sys.stdin.isatty() else "").strip()
-        except EOFError:
-            break
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history, images = history[:1] if args.system else [], []
-            continue
-        if line.startswith("/image "):
-            try:
-                images.append(_image_part(line[7:].strip()))
-            except OSError as e:
-                print(f"error: {e}")
-            continue
-        turn = {"role": "user", "content": [{"type": "text", "text": line}] + images}
-        print("assistant> ", end="")
-        try:
-            out = _stream(engine, history + [turn], params)
-        except ValueError as e:           # bad image, context window, ...: the chat goes on
-            print(f"error: {e}")
-            continue
-        print(f"[{out.usage.prompt_tokens} prompt + {out.usage.completion_tokens} completion tokens]",
-              file=sys.stderr)
-        history += [turn, {"role": "assistant", "content": out.text}]
-        images = []
+    engine, demo = _engine(args)
+    return Chat(engine, params, args.system, demo).run()
+
+
+def cmd_download(args) -> int:
+    from server.download import download
+
+    download(args.repo, args.format, args.revision)
     return 0
+
+
+class _VersionAction(argparse.Action):
+    """--version: computed only when asked (it imports torch and probes CUDA)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions (package, git commit, torch, "
+                         "CUDA) and exit; the server answers the same on GET /version")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from server.version import describe, version_info
+        print(describe(version_info()))
+        parser.exit()
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -184,6 +174,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mistral-small", description="Mistral Small 3.1 local engine")
+    ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (Workers AI + OpenAI routes)")
     _common(serve)
@@ -201,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    download = sub.add_parser("download", help="download the weights into the Hugging Face cache, where serve, "
+                              "run and chat find them")
+    download.add_argument("repo", nargs="?", help="hub id (default: the model serve uses without --model)")
+    download.add_argument("--format", choices=["hf", "mistral"], default="hf",
+                          help="hf: config.json + model-*.safetensors shards (default); mistral: params.json + "
+                               "one consolidated.safetensors")
+    download.add_argument("--revision", help="branch, tag or commit (default: main)")
+    download.set_defaults(func=cmd_download)
     return ap
 
 
@@ -215,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:            # Ctrl-C while loading (answers handle their own): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

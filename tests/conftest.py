@@ -1,11 +1,11 @@
 """Shared fixtures: random-weight checkpoints of the real architecture, written once per session."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tools import pytest_runtest_makereport, require_tool  # noqa: F401 - the CI=true report hook
 
 # Without a GPU, Triton kernels (engine/layers/quant_matmul.py) run on CPU tensors through Triton's
 # interpreter; the flag is read when a kernel is defined, so it is set before any test imports one.
@@ -62,9 +62,7 @@ def chromium():
     """Debian's headless Chromium driven by Playwright (no browser download): `/usr/bin/chromium`. Per test:
     Playwright's sync API runs an event loop on this thread while it is open, which asyncio.run() elsewhere
     would trip over."""
-    exe = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(exe).is_file():
-        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+    exe = require_tool("chromium")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=[

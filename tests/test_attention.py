@@ -5,15 +5,16 @@ interpreter (conftest sets TRITON_INTERPRET=1): shapes stay tiny, the interprete
 
 import pytest
 import torch
+from tools import needs_tool
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import EngineConfig
 from engine.forward_context import ForwardContext
-from engine.layers import attention, triton_support
+from engine.layers import attention
 from engine.layers.attention import reference, store, triton_unified
 from engine.quant import FP8
 
-pytestmark = pytest.mark.skipif(not triton_support.available(), reason="needs triton")
+pytestmark = needs_tool("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MIXED = ((20, 20), (9, 45), (1, 1), (1, 17), (1, 70))    # (query_len, seq_len): prefill, chunk after a prefix, decodes
 
@@ -98,8 +99,8 @@ def test_store_kernel_equals_reference_step_by_step():
     g = torch.Generator().manual_seed(1)
     pools = [[torch.full((8, 16, 2, 16), float("nan"), device=DEVICE).to(FP8) for _ in range(2)]
              + [torch.zeros(8, 2, device=DEVICE) for _ in range(2)] for _ in range(2)]
-    steps = [range(0, 5), range(5, 6), [*range(6, 20), *range(32, 40)], [20], [21, 40], range(48, 50),
-             range(0, 3), [7 * 16] * 3]                          # block 0 reused; three rows on one slot
+    steps = [range(5), range(5, 6), [*range(6, 20), *range(32, 40)], [20], [21, 40], range(48, 50),
+             range(3), [7 * 16] * 3]                          # block 0 reused; three rows on one slot
     for i, slots in enumerate(steps):
         slots = torch.tensor(list(slots), device=DEVICE)
         k, v = (torch.randn(len(slots), 2, 16, generator=g).to(DEVICE) * (1 + 3 * i) for _ in range(2))
@@ -142,7 +143,7 @@ def test_a_mixed_step_is_one_launch_per_layer_without_context_sized_tensors(tiny
     backend does allocate one (the check can fail)."""
     model, t = tiny_llm.model, tiny_llm.model.cfg.text
     steps = ((40, 600), (1, 300), (1, 90))
-    q, k, v, ctx = make_step(steps, t.num_attention_heads, t.num_key_value_heads, t.head_dim, False, blocks=64)
+    *_, ctx = make_step(steps, t.num_attention_heads, t.num_key_value_heads, t.head_dim, False, blocks=64)
     ctx.kv_caches = ctx.kv_caches * t.num_hidden_layers
     ids = torch.randint(1000, 5000, (42,), generator=torch.Generator().manual_seed(0))
     pos = torch.tensor([*range(560, 600), 299, 89])
@@ -153,7 +154,7 @@ def test_a_mixed_step_is_one_launch_per_layer_without_context_sized_tensors(tiny
     biggest = {}
     for name, backend in (("triton", triton_unified.TritonBackend()), ("reference", attention.REFERENCE)):
         forward = backend.forward
-        backend.forward = lambda *a, _f=forward, **kw: calls.append(name) or _f(*a, **kw)
+        backend.forward = lambda *a, _f=forward, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
         attention.set_backend(model, backend)
         try:
             with torch.inference_mode(), Allocations() as allocs:

@@ -1,10 +1,15 @@
-"""The command lines: the checkpoint writer and `mistral-small run`."""
+"""The command lines: the checkpoint writer, `mistral-small run`, `--version` (and GET /version), `serve`'s
+port check."""
 
 import json
+import socket
 
 import pytest
+import torch
+from fastapi.testclient import TestClient
 
 from engine.tiny_checkpoint import main as write_main
+from server.app import create_app
 from server.cli import main as cli_main
 
 
@@ -45,6 +50,30 @@ def test_chat_keeps_history_and_reports_bad_images(tiny_dir, tmp_path):
                         "--temperature", "0", "--kv-cache-gib", "0.01"],
                        input=script, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("assistant> ") == 3 and "error: [Errno 2]" in r.stdout
+    assert r.stdout.count("assistant> ") == 3 and "error: /nonexistent.png: [Errno 2]" in r.stdout
     prompts = [int(line.split()[0][1:]) for line in r.stderr.splitlines() if line.endswith("completion tokens]")]
     assert len(prompts) == 3 and prompts[1] > prompts[0] + 3 and prompts[2] < prompts[1]   # history, then reset
+
+
+def test_version_on_the_command_line_and_the_server_agree(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0
+    line = capsys.readouterr().out.strip()
+    info = TestClient(create_app(None), base_url="http://127.0.0.1").get("/version").json()
+    assert info["version"] and info["torch"] == torch.__version__ and info["cuda"] == torch.version.cuda
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert line.startswith(f"mistral-small-engine {info['version']}") and f"torch {torch.__version__}" in line
+    if info["commit"]:                       # a git checkout (CI's clone): the commit it runs
+        assert len(info["commit"]) == 40 and info["commit"][:12] in line
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model does not exist: a port check that came after loading would report that instead
+        assert cli_main(["serve", "--port", str(port), "--model", "/nonexistent/dir"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "not a model directory" not in err

@@ -8,9 +8,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.cuda_graph import DecodeGraphs, batch_sizes
-from engine.model_runner import ModelRunner
 from engine.layers.attention import REFERENCE
 from engine.layers.attention.triton_unified import TritonBackend
+from engine.model_runner import ModelRunner
 
 
 def test_batch_sizes():

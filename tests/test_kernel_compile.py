@@ -8,15 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from engine.layers import triton_support
+from tools import needs_tool
 
 # Largest shared memory one block may opt into
 SHARED_LIMIT = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-@pytest.mark.skipif(not triton_support.available(), reason="needs triton")
+@needs_tool("triton")
 def test_kernels_compile_for_gpus_without_spills():
     from kernel_compile import configs
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -4,11 +4,12 @@ ones. Without a GPU the kernels run through Triton's interpreter (conftest sets 
 
 import pytest
 import torch
+from tools import needs_tool
 
-from engine.layers import mlp, norm, rotary, triton_support
+from engine.layers import mlp, norm, rotary
 from engine.layers.linear import Linear
 
-needs_triton = pytest.mark.skipif(not triton_support.available(), reason="needs triton")
+needs_triton = needs_tool("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes bfloat16 wrongly in places (see test_quant_kernels.py): float16 stands in on CPU
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -3,12 +3,12 @@
 quantized weights, clear errors for what is not supported."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 
 import pytest
 import torch
+from tools import needs_tool
 from util import hf_pixels, image_chat
 
 from engine import LLM, SamplingParams, quant
@@ -16,9 +16,7 @@ from engine.forward_context import ForwardContext
 from engine.tiny_checkpoint import TINY, write_checkpoint
 from engine.weights import CheckpointError, load_model, resolve
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None or
-                                importlib.util.find_spec("accelerate") is None,
-                                reason="needs bitsandbytes and accelerate")
+pytestmark = needs_tool("bitsandbytes", "accelerate")
 # every linear's K a multiple of 64, as in the real model, so blocks of 64 never straddle rows
 CFG = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, hidden_size=128, intermediate_size=256))
 

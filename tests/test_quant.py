@@ -1,23 +1,24 @@
 """Quantized weights (nf4, int8, fp8) and the fp8 KV cache: what is quantized, that loading quantizes while
 streaming (bounded memory), the quality bounds measured on the tiny checkpoint, fp8 KV capacity, errors."""
 
-import importlib.util
 import sys
+
 import numpy as np
 import pytest
 import torch
+from tools import needs_tool
 from util import measure_load
 
 from engine import LLM, SamplingParams, quant
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import ForwardContext
-from engine.layers.linear import Linear
 from engine.layers.attention.reference import gather
 from engine.layers.attention.store import store_kv_reference as store_kv
+from engine.layers.linear import Linear
 from engine.weights import load_model, materialize, resolve
 
 # nf4 and int8 need bitsandbytes (in the test extra); fp8 and the fp8 KV cache need only torch
-BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+BNB = needs_tool("bitsandbytes")
 
 
 def bnb_params(*names):

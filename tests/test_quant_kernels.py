@@ -3,18 +3,15 @@ dequantization: bitsandbytes' own dequantize_4bit for nf4, the fp8 reference pat
 they run through Triton's interpreter (conftest sets TRITON_INTERPRET=1), which executes the same kernel
 code, masks and index arithmetic included, on CPU tensors."""
 
-import importlib.util
-
 import pytest
 import torch
+from tools import needs_tool
 
 from engine import quant
 from engine.layers import quant_matmul as qm
 from engine.layers.linear import Linear
 
-pytestmark = [pytest.mark.skipif(not qm.available(), reason="needs triton"),
-              pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                 reason="needs bitsandbytes")]
+pytestmark = needs_tool("triton", "bitsandbytes")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

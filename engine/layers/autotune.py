@@ -19,8 +19,8 @@ import logging
 import math
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -92,7 +92,7 @@ def _time(run: Callable[[dict], None], config: dict) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
-    except Exception as e:       # e.g. more shared memory than this GPU has: skip the candidate
+    except Exception as e:  # noqa: BLE001 (e.g. more shared memory than this GPU has: skip the candidate)
         log.warning("autotune: %s failed (%s: %s)", config, type(e).__name__, e)
         return math.inf
 

@@ -46,7 +46,7 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.7229568362236023, 1.0)
 
 
-__all__ = ["available", "nf4_matmul", "fp8_matmul", "MAX_ROWS", "NF4_CODE"]
+__all__ = ["MAX_ROWS", "NF4_CODE", "available", "fp8_matmul", "nf4_matmul"]
 
 
 @functools.cache

@@ -75,7 +75,7 @@ if triton is not None:
         a = tl.abs(x)
         sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)   # subnormals: multiples of 2^-9, RNE
         code = tl.where(a < 0.015625, sub, normal)
-        code = tl.where(x != x, 0x7F, code)                    # NaN stays NaN
+        code = tl.where(x != x, 0x7F, code)  # noqa: PLR0124 (NaN stays NaN)
         return (code.to(tl.uint32) | sign).to(tl.uint8)
 
     @triton.jit
