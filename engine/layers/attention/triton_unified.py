@@ -28,6 +28,8 @@ is exact), V is scaled before its dot.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.forward_context import ForwardContext
@@ -191,6 +193,11 @@ def num_splits(programs: int, max_len: int, tile_n: int, device: torch.device) -
     return splits
 
 
+@functools.cache
+def _unused(device: torch.device) -> torch.Tensor:
+    return torch.zeros(4, dtype=torch.float32, device=device)
+
+
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
@@ -208,14 +215,17 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if n == 0:
         return out
     num_seqs = seq_lens.shape[0]
+    unused = _unused(q.device)
 
     def launch(cfg: dict, n_splits: int) -> None:
         block_q = cfg["BLOCK_M"] // gqa
         grid = (n // block_q + num_seqs, kv_heads, n_splits)
         split = n_splits > 1
-        acc = torch.empty((n_splits, n, heads, d), dtype=torch.float32, device=q.device) if split else out
-        ml = torch.empty((n_splits, n, heads, 2), dtype=torch.float32, device=q.device) if split else out
-        _attention_kernel[grid](q, k_cache, v_cache, k_scale if fp8 else k_cache, v_scale if fp8 else v_cache,
+        # unused pointers get a float32 stand-in: one compiled variant per configuration, the one
+        # tests/kernel_compile.py checks
+        acc = torch.empty((n_splits, n, heads, d), dtype=torch.float32, device=q.device) if split else unused
+        ml = torch.empty((n_splits, n, heads, 2), dtype=torch.float32, device=q.device) if split else unused
+        _attention_kernel[grid](q, k_cache, v_cache, k_scale if fp8 else unused, v_scale if fp8 else unused,
                                 block_tables, seq_lens, cu_seqlens_q, out, acc, ml, scale, num_seqs, n, q.stride(0),
                                 out.stride(0), block_tables.stride(0), n_splits,
                                 **kernel_constexprs(heads, block_size, d, gqa, fp8, q.dtype), **cfg)
