@@ -80,7 +80,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine limit (default: engine default)")
     ap.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool bytes (default: engine default)")
     ap.add_argument("--prefix-caching", action="store_true", help="leave the engine's prefix cache on")
-    ap.add_argument("--cuda-graphs", action="store_true", help="our engine replays decode steps as CUDA graphs")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="our engine runs every step eagerly (default on CUDA: decode steps replay CUDA graphs)")
     ap.add_argument("--quantization", choices=["nf4", "int8", "fp8"], default=None,
                     help="our engine's weights quantized while loading (HF runs the full-precision model)")
     ap.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation")
@@ -405,8 +406,8 @@ def main(argv=None) -> dict:
                                 ("max_num_batched_tokens", args.max_num_batched_tokens),
                                 ("kv_cache_memory", args.kv_cache_memory),
                                 ("quantization", args.quantization)) if v is not None}
-        if args.cuda_graphs:
-            kw["cuda_graphs"] = True
+        if args.enforce_eager:
+            kw["enforce_eager"] = True
         t = now()
         llm = LLM(model_dir, device=device, dtype=dtype, progress=False, enable_prefix_caching=args.prefix_caching,
                   **kw)

@@ -76,14 +76,14 @@ def load(ckpt, mode: str, device, dtype, **kw):
 
 
 def set_mode_kernel(model, mode: str) -> None:
-    from engine.quant import FP8Linear, set_kernel
+    from engine.quant import quantized_linears, set_kernel
     kernel = MODES[mode][2]
     if kernel == "library":
         set_kernel(model, "library")
     elif kernel == "w8a8":      # torch implements _scaled_mm on CPU too: the Hopper path's math, off the GPU
         set_kernel(model, "library")
-        for m in model.modules():
-            if isinstance(m, FP8Linear):
+        for m in quantized_linears(model).values():
+            if m.method.name == "fp8":
                 m.use_scaled_mm = True
 
 
@@ -147,21 +147,20 @@ def memory_24b() -> dict:
 def random_model(cfg, device, dtype, quantization):
     """The model at `cfg`'s shapes with random weights made on the device, each tensor quantized as it is
     made: the same streaming as loading a checkpoint, without one."""
-    from engine.quant import QuantLinear
     from engine.tiny_checkpoint import random_weights
-    from engine.weights import materialize
+    from engine.weights import materialize, targets
     model = materialize(cfg, device, dtype, quantization)
-    params = dict(model.named_parameters())
-    quantized = {n + ".weight": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    where = targets(model)
     with torch.no_grad():
         for name, w in random_weights(cfg, 0, dtype, str(device)):
-            quantized[name].load_(w) if name in quantized else params[name].copy_(w)
+            t = where[name]
+            t.linear.load_shard(t.shard, w) if t.linear is not None else t.param.copy_(w)
             del w
     return model
 
 
 @torch.inference_mode()
-def decode_speed(model, mode, batch: int, context: int, steps: int, device, graphs: bool = False) -> dict:
+def decode_speed(model, mode, batch: int, context: int, steps: int, device, eager: bool = False) -> dict:
     from engine.config import EngineConfig
     from engine.forward_context import ForwardContext
     from engine.model_runner import ModelRunner
@@ -170,10 +169,10 @@ def decode_speed(model, mode, batch: int, context: int, steps: int, device, grap
     kv = MODES[mode][1]
     itemsize = 1 if kv == "fp8" else model_dtype(model).itemsize
     per_block = 2 * t.num_hidden_layers * bs * t.num_key_value_heads * (t.head_dim * itemsize + 4)
-    graphs = graphs and kv != "fp8"          # the fp8 KV store cannot be captured (engine/cuda_graph.py)
-    runner = ModelRunner(model, EngineConfig(kv_cache_memory=batch * nb * per_block, block_size=bs,
+    # + the pool's scratch block (engine/model_runner.py)
+    runner = ModelRunner(model, EngineConfig(kv_cache_memory=(batch * nb + 1) * per_block, block_size=bs,
                                              kv_cache_dtype=kv, max_num_seqs=batch, max_model_len=nb * bs,
-                                             cuda_graphs=graphs), eos_id=2)
+                                             enforce_eager=eager), eos_id=2)
     assert runner.num_blocks >= batch * nb
     tables = torch.arange(batch * nb, dtype=torch.int32, device=device).view(batch, nb)
     gen = torch.Generator().manual_seed(0)
@@ -206,7 +205,7 @@ def decode_speed(model, mode, batch: int, context: int, steps: int, device, grap
         step(context + 3 + i, 1, list(range(batch))).cpu()   # a host copy per step, as the engine does
     sync(device)
     wall = time.perf_counter() - start
-    return {"batch": batch, "context": context, "steps": steps, "cuda_graphs": graphs,
+    return {"batch": batch, "context": context, "steps": steps, "cuda_graphs": runner.graphs is not None,
             "ms_per_step": 1000 * wall / steps,
             "tokens_per_s": batch * steps / wall}
 
@@ -220,7 +219,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def speed(cfg, modes, device, dtype, batches, context, steps, graphs=False) -> dict:
+def speed(cfg, modes, device, dtype, batches, context, steps, eager=False) -> dict:
     out = {}
     for mode in modes:
         if torch.device(device).type == "cuda":
@@ -231,7 +230,7 @@ def speed(cfg, modes, device, dtype, batches, context, steps, graphs=False) -> d
         rec = {"weights_bytes": sum(p.nbytes for p in model.parameters())}
         if torch.device(device).type == "cuda":
             rec["load_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        rec["runs"] = [decode_speed(model, mode, b, context, steps, device, graphs) for b in batches]
+        rec["runs"] = [decode_speed(model, mode, b, context, steps, device, eager) for b in batches]
         out[mode] = rec
         del model
         gc.collect()
@@ -259,7 +258,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--cuda-graphs", action="store_true", help="decode steps replay CUDA graphs (not fp8 KV)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="decode steps run eagerly (default on CUDA: they replay CUDA graphs; never with int8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -295,7 +295,7 @@ def main(argv=None) -> None:
                             "greedy prefix", "weights MiB"], rows, "{:.4f}"))
     if args.speed or (args.speed is None and device.type == "cuda"):
         sp = speed(cfg, modes, device, dtype, [int(b) for b in args.batch_sizes.split(",")], args.context,
-                   args.steps, args.cuda_graphs)
+                   args.steps, args.enforce_eager)
         result["figures"]["speed"] = sp
         print(format_table(["mode", "batch", "context", "ms/step", "tok/s", "vs ref"],
                            [[m, r["batch"], r["context"], r["ms_per_step"], r["tokens_per_s"],

@@ -96,7 +96,7 @@ class Params:
     extra: dict = field(default_factory=dict)
 
 
-GPU_TESTS = ("tests/test_quant_kernels.py", "tests/test_paged_attention.py", "tests/test_cuda_graph.py")
+GPU_TESTS = ("tests/test_quant_kernels.py", "tests/test_attention.py", "tests/test_layers.py", "tests/test_cuda_graph.py")
 PARAMS = {
     "gpu": Params("gpu", "cuda", "bfloat16", "full", "small", copy_bytes=2 * 2**30, matmul_n=8192,
                   ceiling_repeats=50, tests=GPU_TESTS),

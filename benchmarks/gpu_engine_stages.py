@@ -68,7 +68,7 @@ def with_engine_dummy(ctx: StageContext, options: dict, work, **load):
 
 # ---- 4: decode, bf16 ----------------------------------------------------------------------------------------
 def stage_decode(ctx: StageContext):
-    options = _decode_options(ctx.params, ctx.params.batches, cuda_graphs=True)
+    options = _decode_options(ctx.params, ctx.params.batches, enforce_eager=False)
     err = _decode_batches(ctx, "decode", ctx.params.batches, options, vs=("hf_b{b}_tok_s", "hf"))
     return _status([err] if err else [])
 
@@ -131,13 +131,12 @@ def _predict(runs: list[dict], length: int) -> float:
 # ---- 6: quantization modes ------------------------------------------------------------------------------------
 def stage_quant(ctx: StageContext):
     """Each mode in its own engine, freed before the next loads. CUDA graphs wherever the engine allows them
-    (not int8, not the fp8 KV cache); the options are recorded with every figure."""
+    (not int8, which the engine runs eagerly); the options are recorded with every figure."""
     errors = []
     for mode in ctx.params.quant_modes:
         q, kv = QUANT_MODES[mode]
-        graphs = q != "int8" and kv != "fp8"
         options = _decode_options(ctx.params, ctx.params.quant_batches, quantization=q, kv_cache_dtype=kv,
-                                  cuda_graphs=graphs)
+                                  enforce_eager=q == "int8")
         err = _decode_batches(ctx, f"quant_{mode}", ctx.params.quant_batches, options,
                               vs=("decode_b{b}_tok_s", "bf16"))
         if err:

@@ -54,8 +54,8 @@ def _fmt(v, unit: str = "") -> str:
 def _options(opts: dict) -> str:
     """The options that tell figures of one name apart, briefly (all of them are in the JSON)."""
     out = []
-    if opts.get("cuda_graphs"):
-        out.append("graphs")
+    if "enforce_eager" in opts:
+        out.append("eager" if opts["enforce_eager"] else "graphs")
     if opts.get("quantization"):
         out.append(opts["quantization"])
     if opts.get("kv_cache_dtype") not in (None, "auto"):

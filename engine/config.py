@@ -15,6 +15,7 @@ from pathlib import Path
 
 QUANTIZATIONS = ("nf4", "int8", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
+ATTENTION_BACKENDS = ("auto", "triton", "reference")
 
 
 class ConfigError(ValueError):
@@ -315,9 +316,12 @@ class EngineConfig:
     # "auto": the model dtype; "fp8": float8_e4m3fn with one scale per (block, KV head), twice the tokens
     kv_cache_dtype: str = option("auto", "KV cache dtype: auto (the model's) or fp8 (per-block scales, twice "
                                  "the tokens)", choices=KV_CACHE_DTYPES)
-    # decode steps replayed as CUDA graphs (engine/cuda_graph.py); off until measured on a GPU
-    cuda_graphs: bool = option(False, "replay decode steps as CUDA graphs (batches up to 128, 64 with nf4; not "
-                               "with int8 or --kv-cache-dtype fp8); off until measured on a GPU")
+    # on CUDA, decode steps replay CUDA graphs (engine/cuda_graph.py); off on CPU and for int8 (logged)
+    enforce_eager: bool = option(False, "run every step eagerly, without CUDA graphs (by default decode batches "
+                                 "up to 128, 64 with nf4, replay CUDA graphs on a GPU; never with int8)")
+    attention_backend: str = option("auto", "attention kernels: triton (one paged kernel per layer and step; the "
+                                    "CUDA default) or reference (PyTorch; the CPU default)",
+                                    choices=ATTENTION_BACKENDS)
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -336,9 +340,6 @@ class EngineConfig:
                              f"got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.cuda_graphs and self.quantization == "int8":
-            raise ValueError("cuda_graphs does not support quantization='int8': LLM.int8() picks outlier "
-                             "columns per batch (data-dependent shapes), which a graph cannot replay")
-        if self.cuda_graphs and self.kv_cache_dtype == "fp8":
-            raise ValueError("cuda_graphs does not support kv_cache_dtype='fp8' yet: its store re-quantizes "
-                             "blocks with data-dependent shapes, which a graph cannot replay")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
+                             f"{self.attention_backend!r}")

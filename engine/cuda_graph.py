@@ -1,18 +1,20 @@
 """CUDA graphs for decode steps: the decoder forward of a batch of one-token sequences, captured once per
-batch size and replayed, so a step costs one launch instead of ~2,000 (40 layers of small kernels) and
-its time is the weights' bytes, not the CPU's.
+batch size and replayed, so a step costs one launch instead of one per kernel of 40 layers, and
+its time is the weights' bytes, not the CPU's. On by default on CUDA; `enforce_eager` turns them off.
 
 What must hold for a step to be replayable, and how it is kept:
 - Every tensor the graph reads lives at a fixed address: token ids, positions, slots, sequence lengths and
   block tables are copied into static buffers sized for the largest batch; the KV pool never moves.
-- Nothing in the captured forward depends on host values of this step: decode attention sizes its work from
-  `max_seq_len` (the context window), not from the step's lengths, and reads only positions < seq_len.
+- Nothing in the captured forward depends on host values of this step: attention sizes its work from
+  `max_seq_len` (the context window), not from the step's lengths, and reads only positions < seq_len;
+  the K/V store (fp8 included) is a Triton kernel without data-dependent shapes.
 - A batch is padded to the next captured size. Padding rows write their K/V to the pool's scratch block
   (never handed to requests), have length 1 and are dropped from the output.
 Not captured: steps with prefill tokens or images, and batches above the largest size (64 with nf4, whose
-larger batches go through bitsandbytes; 128 otherwise): those run eagerly, like everything when graphs
-are off. Refused outright (EngineConfig): the fp8 KV cache, whose store re-quantizes blocks with
-data-dependent shapes, and int8 weights, whose LLM.int8() picks outlier columns per batch.
+larger batches go through bitsandbytes; 128 otherwise): those run eagerly. Never captured (ModelRunner logs
+why and runs eagerly): int8 weights, whose LLM.int8() picks outlier columns per batch, and an fp8 KV cache
+on the reference attention backend (its store finds blocks with torch.unique). A capture that fails
+stops the engine with an error naming --enforce-eager.
 
 `capture=False` keeps the static buffers and padding but runs the forward eagerly, attention sized from the
 step's lengths: how the CPU tests check everything here except the capture itself (max_seq_len has its own
@@ -66,11 +68,16 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         pool = None
         for b in reversed(self.sizes):          # largest first: smaller graphs reuse its memory pool
-            self._forward(b)                    # warm-up: compiles the Triton kernels, settles the allocator
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[b] = self._forward(b)
+            try:
+                self._forward(b)                # warm-up: compiles and tunes the kernels, settles the allocator
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.outputs[b] = self._forward(b)
+            except Exception as e:
+                raise RuntimeError(f"capturing the CUDA graph of decode batch size {b} failed ({type(e).__name__}: "
+                                   f"{e}); start with --enforce-eager (EngineConfig(enforce_eager=True)) to run "
+                                   "without CUDA graphs") from e
             pool = g.pool()
             self.graphs[b] = g
         torch.cuda.synchronize()

@@ -34,6 +34,20 @@ class ForwardContext:
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
 
+    @property
+    def max_query_len(self) -> int | None:
+        """The most tokens one sequence brings this step (host side), when the host lengths are known."""
+        return max(self.query_lens_cpu) if self.query_lens_cpu else None
+
+    def context_bound(self, block_size: int) -> int:
+        """A host-side upper bound on seq_lens that costs no device sync: `max_seq_len` when set (CUDA graphs),
+        else the host lengths, else what the block tables can address."""
+        if self.max_seq_len is not None:
+            return self.max_seq_len
+        if self.seq_lens_cpu:
+            return max(self.seq_lens_cpu)
+        return self.block_tables.shape[1] * block_size
+
     @classmethod
     def for_prefill(cls, lens: list[int], device: torch.device | str = "cpu") -> ForwardContext:
         """Cache-less context: each sequence is all new tokens and attends causally to itself only."""

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from engine.config import ModelConfig, TextConfig, VisionConfig
 from engine.dummy_weights import checkpoint_tensors
-from engine.weights import _HF_PREFIXES, map_name, rope_unpermute
+from engine.weights import _HF_PREFIXES, map_name, rope_unpermute, targets
 
 TINY = ModelConfig(
     # GQA 4:1 and q_proj width (8*16=128) != hidden (96), like the real model (32:8, 4096 vs 5120)
@@ -46,15 +46,15 @@ def _hf_new_key(name: str) -> str:
 
 def random_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                    device: str = "cpu"):
-    """Yields (module parameter name, tensor) in module order. Linear weights ~ N(0, 1/fan_in) so every layer
+    """Yields (checkpoint name, tensor) in module order (one tensor per shard of a merged projection). Linear weights ~ N(0, 1/fan_in) so every layer
     moves the residual stream; norm weights ~ 1 + N(0, 0.1²) so a mix-up of norms shows in the logits."""
     from engine.models.mistral3 import Mistral3ForConditionalGeneration
 
     with torch.device("meta"):
         skeleton = Mistral3ForConditionalGeneration(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in skeleton.named_parameters():
-        shape = tuple(p.shape)
+    for name, target in targets(skeleton).items():       # checkpoint names: one tensor per merged shard
+        shape = target.shape
         w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
         if name.endswith("norm.weight"):
             w = 1.0 + 0.1 * w

@@ -14,9 +14,12 @@ model (missing, unexpected, misshapen tensors and unreadable files are all repor
 tensors stream one at a time into parameters preallocated on the target device. Nothing is returned unless
 every parameter was written.
 
-With `quantization` ("nf4", "int8", "fp8"; engine/quant.py) the decoder linears get only quantized storage,
-and each of their tensors is quantized as it arrives instead of being copied: no full-precision copy of the
-model ever exists on the device. A pre-quantized bitsandbytes nf4 checkpoint (config.json's
+The module tree merges q/k/v and gate/up into single projections (engine/layers/linear.py); the checkpoint
+names each shard (`….q_proj.weight`), and `targets` lists every tensor the model needs under that name:
+the name table stays one mapping from either format onto HF 4.50 names, and a missing shard is reported
+by its own name. With `quantization` ("nf4", "int8", "fp8"; engine/quant.py) the decoder linears get only
+quantized storage, and each shard is quantized into its rows as it arrives instead of being copied: no
+full-precision copy of the model ever exists on the device. A pre-quantized bitsandbytes nf4 checkpoint (config.json's
 quantization_config) is read as groups of tensors per quantized weight and adopted without requantizing.
 """
 
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 from engine import quant
 from engine.config import ModelConfig, load_config, read_config
 from engine.dummy_weights import DummyWeights
+from engine.layers.linear import Linear, LinearMethod
 from engine.models.mistral3 import Mistral3ForConditionalGeneration
 
 log = logging.getLogger(__name__)
@@ -260,13 +264,39 @@ class _Entry:
     parts: dict[str, tuple[Path, str]] | None = None
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor goes: a plain parameter, or one shard of a (merged) Linear."""
+    shape: tuple
+    param: torch.Tensor | None = None
+    linear: Linear | None = None
+    shard: int = 0
+
+
+def targets(model: torch.nn.Module) -> dict[str, Target]:
+    """Every tensor the checkpoint must provide, by its HF 4.50 name: a merged projection stands for one
+    tensor per shard (`….self_attn.qkv_proj` -> `….self_attn.q_proj.weight`, `k_proj`, `v_proj`)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Linear):
+            parent = prefix.rpartition(".")[0]
+            names = [f"{parent}.{s}" if parent else s for s in module.shard_names] if module.shard_names \
+                else [prefix]
+            for i, (name, rows) in enumerate(zip(names, module.output_sizes)):
+                out[name + ".weight"] = Target((rows, module.in_features), linear=module, shard=i)
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            out[f"{prefix}.{name}" if prefix else name] = Target(tuple(p.shape), param=p)
+    return out
+
+
 def plan(ckpt: Checkpoint, model: torch.nn.Module, prequantized: str | None = None) -> list[_Entry]:
     """Read only the headers and match every tensor to a parameter. Raises one CheckpointError listing all
     unreadable files, unknown, duplicate, missing and misshapen tensors. In a pre-quantized (bitsandbytes
     nf4) checkpoint a quantized weight is a group of tensors (`X.weight` packed uint8, `X.weight.absmax`,
     ...): the group stands for parameter `X.weight`."""
     cfg = ckpt.config()
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    expected = {n: t.shape for n, t in targets(model).items()}
     entries: dict[str, _Entry] = {}
     groups: dict[str, dict[str, tuple[Path, str, tuple, str]]] = {}
     present: set[str] = set()          # matched a parameter, whether usable or not
@@ -357,17 +387,19 @@ def materialize(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
                 quantization: str | None = None) -> Mistral3ForConditionalGeneration:
     """The module tree built on the meta device, then given empty storage directly on the target
     device and dtype: no throwaway initialization, no second copy. With `quantization`, the decoder
-    linears are replaced first, so that only their quantized storage is ever allocated."""
+    linears get that method's storage, so that only their quantized storage is ever allocated."""
+    quant.check_quantization(quantization)
     with torch.device("meta"):
         model = Mistral3ForConditionalGeneration(cfg)
-    if quantization is not None:
-        quant.quantize_model_(model, quantization, device, dtype)
-    for module in model.modules():
-        if isinstance(module, quant.QuantLinear):     # allocated its quantized storage itself
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            method = quant.linear_method(quantization) if quantization and quant.is_quantized(name) \
+                else LinearMethod()
+            module.create_weights(method, device, dtype)
             continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
-                                                     requires_grad=False))
+        for pname, p in list(module.named_parameters(recurse=False)):
+            setattr(module, pname, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                      requires_grad=False))
     return model.eval()
 
 
@@ -385,11 +417,9 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
     with torch.device("meta"):
         skeleton = Mistral3ForConditionalGeneration(cfg)
     entries = plan(ckpt, skeleton, prequantized)         # fails before any weight data is read
-    expected = {n for n, _ in skeleton.named_parameters()}
+    expected = set(targets(skeleton))
     model = materialize(cfg, device, dtype, quantization)
-    params = dict(model.named_parameters())
-    # checkpoint name -> the quantized module that takes it (module name + ".weight")
-    quantized = {n + ".weight": m for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)}
+    where = targets(model)
     written = set()
     if ckpt.dummy:
         log.warning("%s: load_format='dummy': random weights made on %s, not read from disk", ckpt.directory,
@@ -404,19 +434,18 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
         try:
             with _open(ckpt, f, device) as st:
                 for e in file_entries:
+                    target = where[e.param]
                     if e.parts:
-                        _load_prequantized(e, st, quantized.get(e.param), params.get(e.param))
-                        written.add(e.param)
-                        bar.update(e.nbytes)
-                        continue
-                    t = st.get_tensor(e.key)
-                    if e.transform is not None:
-                        t = e.transform(t)
-                    if e.param in quantized:
-                        quantized[e.param].load_(t)   # quantized chunk by chunk on the device
+                        _load_prequantized(e, st, target)
                     else:
-                        params[e.param].copy_(t)      # dtype conversion and host->device copy in one step
-                    del t
+                        t = st.get_tensor(e.key)
+                        if e.transform is not None:
+                            t = e.transform(t)
+                        if target.linear is not None:
+                            target.linear.load_shard(target.shard, t)    # quantized chunk by chunk if so
+                        else:
+                            target.param.copy_(t)     # dtype conversion and host->device copy in one step
+                        del t
                     written.add(e.param)
                     bar.update(e.nbytes)
         except (SafetensorError, OSError) as err:
@@ -428,12 +457,12 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torc
     if written != expected:   # cannot happen after plan(); never hand out a half-loaded model
         raise CheckpointError(f"internal: {len(expected - written)} parameters were not loaded")
     if quantization:
-        log.info("%d decoder linears quantized to %s; weights now take %.2f GiB", len(quantized),
+        log.info("%d decoder linears quantized to %s; weights now take %.2f GiB", len(quant.quantized_linears(model)),
                  quantization, sum(p.nbytes for p in model.parameters()) / 2**30)
     return model
 
 
-def _load_prequantized(e: _Entry, st, module: quant.QuantLinear | None, param: torch.Tensor | None) -> None:
+def _load_prequantized(e: _Entry, st, target: Target) -> None:
     """One bitsandbytes 4-bit group: adopted as is by an nf4 linear, or dequantized into a full-precision
     parameter (a module this engine keeps unquantized, e.g. a vision tower that the checkpoint quantized)."""
     parts = {}
@@ -444,9 +473,12 @@ def _load_prequantized(e: _Entry, st, module: quant.QuantLinear | None, param: t
             with safe_open(f, framework="pt", device="cpu") as other:
                 parts[part] = other.get_tensor(key)
     try:
-        if module is not None:
-            module.load_prequantized_(parts)
+        layer = target.linear
+        if layer is not None and layer.method.name == "nf4":
+            layer.method.load_prequantized_shard(layer, target.shard, parts)
+        elif layer is not None:
+            layer.load_shard(target.shard, quant.dequantize_prequantized(parts, target.shape))
         else:
-            param.copy_(quant.dequantize_prequantized(parts, param.shape))
+            target.param.copy_(quant.dequantize_prequantized(parts, target.param.shape))
     except ValueError as err:
         raise ValueError(f"{e.param}: {err}") from None

@@ -49,8 +49,9 @@ def test_dummy_weights_load_like_the_same_values_written_as_a_checkpoint(dirs, q
     for name in made:
         assert torch.equal(made[name], read[name]), name
     if quantization is None and fmt == "mistral":   # q/k rows went through the RoPE permutation
-        q = "language_model.model.layers.0.self_attn.q_proj.weight"
-        assert not torch.equal(made[q], dummy_tensor("layers.0.attention.wq.weight", made[q].shape).float())
+        q = made["language_model.model.layers.0.self_attn.qkv_proj.weight"][:TINY.text.num_attention_heads
+                                                                             * TINY.text.head_dim]
+        assert not torch.equal(q, dummy_tensor("layers.0.attention.wq.weight", q.shape).float())
 
 
 def test_checkpoint_tensors_are_what_the_checkpoint_writer_writes(make_checkpoint):

@@ -81,3 +81,17 @@ def test_raw_prompt_is_verbatim(tiny_llm):
     assert raw.prompt_token_ids == chat
     literal = tiny_llm.generate("<s>[INST]hi[/INST]", SamplingParams(max_tokens=1, temperature=0))[0]
     assert literal.prompt_token_ids.count(3) == 1     # chat mode: the typed [INST] stays text
+
+
+def test_greedy_tokens_match_transformers_on_the_triton_backend(tiny_dir, hf_model):
+    """The whole engine with the Triton attention and store kernels (Triton's interpreter on CPU): two
+    chats batched, the longer one prefilled in chunks beside the other's decodes, give transformers'
+    greedy tokens, as the reference backend does."""
+    from engine import LLM
+    llm = LLM(tiny_dir, device="cpu", dtype="float32", progress=False, kv_cache_memory=8 * 2**20,
+              attention_backend="triton", max_num_batched_tokens=24)
+    assert llm.engine.runner.attention.name == "triton"
+    chats = [[{"role": "user", "content": "Hi"}], TEXT_CHATS[1]]
+    outs = llm.generate(chats, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    for chat, out in zip(chats, outs):
+        assert out.token_ids == hf_greedy(hf_model, llm.encode_chat(chat), 6)

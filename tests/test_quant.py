@@ -12,7 +12,9 @@ from util import measure_load
 from engine import LLM, SamplingParams, quant
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import ForwardContext
-from engine.layers.attention import _gather, store_kv
+from engine.layers.attention.reference import gather
+from engine.layers.attention.store import store_kv_reference as store_kv
+from engine.layers.linear import Linear
 from engine.weights import load_model, materialize, resolve
 
 # nf4 and int8 need bitsandbytes (in the test extra); fp8 and the fp8 KV cache need only torch
@@ -72,8 +74,9 @@ def reference(tiny_dir):
 # ---- what is quantized, and how much it saves --------------------------------------------------------------
 def test_only_decoder_linears_are_quantized(tiny_dir):
     model = load_model(resolve(tiny_dir), "cpu", torch.float32, progress=False, quantization="fp8")
-    quantized = [n for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)]
-    assert len(quantized) == 7 * model.cfg.text.num_hidden_layers
+    quantized = list(quant.quantized_linears(model))
+    # merged q/k/v, o, merged gate/up, down: the seven projections of each layer in four GEMMs
+    assert len(quantized) == 4 * model.cfg.text.num_hidden_layers
     assert all(n.startswith("language_model.model.layers.") for n in quantized)
     for n, p in model.named_parameters():
         if not any(n.startswith(q + ".") for q in quantized):   # embedding, lm_head, norms, vision, projector
@@ -93,28 +96,45 @@ def test_weight_bytes_of_the_24b_model():
 
 @pytest.mark.parametrize("method", bnb_params("nf4", "int8", "fp8"))
 def test_chunked_quantization_equals_one_shot(method, monkeypatch):
-    """Streaming quantizes rows in chunks; the result must be the bytes a one-shot quantization gives."""
+    """Streaming quantizes rows in chunks; the result must be the bytes a one-shot quantization gives, for a
+    plain layer and for each shard of a merged one (q/k/v, gate/up: each shard as its own projection)."""
     monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 1000)     # 10 chunks of the 96 x 100 matrix
     w = torch.randn(100, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     m = quant.make_linear(method, 96, 100, "cpu", torch.float32)
     m.load_(w)
+    with torch.device("meta"):
+        merged = Linear(96, [100, 60, 36], ("a", "b", "c"))
+    merged.create_weights(quant.linear_method(method), "cpu", torch.float32)
+    parts = [w, torch.randn(60, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16),
+             torch.randn(36, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)]
+    for i, part in enumerate(parts):
+        merged.load_shard(i, part)
     if method == "nf4":
         import bitsandbytes.functional as bf
         q, st = bf.quantize_4bit(w.float(), blocksize=m.blocksize, quant_type="nf4", compress_statistics=True)
         assert torch.equal(q, m.weight) and torch.equal(st.absmax, m.absmax)
-        assert torch.equal(st.state2.absmax, m.absmax2) and torch.equal(st.offset, m.offset)
+        assert torch.equal(st.state2.absmax, m.absmax2) and torch.equal(st.offset, m.offset[0])
+        for i, part in enumerate(parts):
+            q, st = bf.quantize_4bit(part.float(), blocksize=m.blocksize, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(merged.method.dequantize(merged)[merged.shard_slice(i)],
+                               bf.dequantize_4bit(q, st)), i
     elif method == "int8":
         import bitsandbytes.functional as bf
         cb, scb, _ = bf.int8_vectorwise_quant(w.half())
         assert torch.equal(cb, m.weight) and torch.equal(scb, m.scale)
+        cb, scb, _ = bf.int8_vectorwise_quant(torch.cat(parts).half())
+        assert torch.equal(cb, merged.weight) and torch.equal(scb, merged.scale)
     else:
         scale = w.float().abs().amax(1) / 448
         assert torch.equal(m.scale, scale)
         assert torch.equal(m.weight.float(), (w.float() / scale[:, None]).to(quant.FP8).float())
+        assert torch.equal(merged.weight[:100].float(), m.weight.float())
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1))
     ref = x @ w.float().t()
     err = float((m(x) - ref).norm() / ref.norm())
     assert err < {"nf4": 0.11, "int8": 0.015, "fp8": 0.04}[method], err
+    # the merged product's columns are each shard's own product
+    torch.testing.assert_close(merged(x)[:, :100], m(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_scaled_mm_path_matches_the_reference_path():
@@ -122,7 +142,7 @@ def test_fp8_scaled_mm_path_matches_the_reference_path():
     here, but torch implements _scaled_mm on CPU: check its scale and layout conventions against W8A16."""
     assert not quant.scaled_mm_supported(torch.device("cpu"), torch.bfloat16)
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) / 128 ** 0.5
-    m = quant.FP8Linear(128, 64, "cpu", torch.bfloat16)
+    m = quant.make_linear("fp8", 128, 64, "cpu", torch.bfloat16)
     m.load_(w)
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ref = m(x).float()
@@ -182,7 +202,7 @@ def test_fp8_kv_scales_per_block_and_head():
         store_kv(k[s:s + 3], v[s:s + 3], k_cache, v_cache, torch.arange(s, min(s + 3, 40)), k_scale, v_scale)
     table = torch.tensor([0, 1, 2])
     for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        back = _gather(cache, table, 40, scale, torch.float32)
+        back = gather(cache, table, 40, scale, torch.float32)
         rel = (back - x).norm(dim=-1) / x.norm(dim=-1)         # per token and head
         assert float(rel.max()) < 0.12 and float(rel.mean()) < 0.05, (float(rel.max()), float(rel.mean()))
 
@@ -193,7 +213,7 @@ def test_fp8_kv_reused_block_starts_afresh():
     store_kv(big, big, k_cache, v_cache, torch.arange(16), k_scale, v_scale)
     small = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(0)) * 1e-3
     store_kv(small, small, k_cache, v_cache, torch.arange(5), k_scale, v_scale)   # block 0 freed and reused
-    back = _gather(k_cache, torch.tensor([0]), 5, k_scale, torch.float32)
+    back = gather(k_cache, torch.tensor([0]), 5, k_scale, torch.float32)
     assert float((back - small).norm() / small.norm()) < 0.05
 
 

@@ -9,17 +9,20 @@ from tools import needs_tool
 
 from engine import quant
 from engine.layers import quant_matmul as qm
+from engine.layers.linear import Linear
 
 pytestmark = needs_tool("triton", "bitsandbytes")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def nf4_linear(n, k, seed=0):
+def nf4_linear(n, k, seed=0, shards=None):
+    """An nf4 layer of `shards` row counts (one shard of n rows by default) and its dequantized matrix."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
-    lin = quant.NF4Linear(k, n, DEVICE, torch.float32)
+    with torch.device("meta"):
+        lin = Linear(k, shards or [n])
+    lin.create_weights(quant.linear_method("nf4"), DEVICE, torch.float32)
     lin.load_(w)
-    dense = quant.require_bitsandbytes("nf4").functional.dequantize_4bit(lin.weight, lin.quant_state)
-    return lin, dense.float()
+    return lin, lin.method.dequantize(lin).float()
 
 
 def rel_err(y, ref):
@@ -27,8 +30,7 @@ def rel_err(y, ref):
 
 
 def nf4_call(lin, x, **kw):
-    return qm.nf4_matmul(x, lin.weight, lin.absmax, lin.quant_state.state2.code, lin.absmax2, lin.offset,
-                         lin.out_features, lin.in_features, lin.blocksize, **kw)
+    return lin.method.triton(lin, x, **kw)
 
 
 # K = 96 (blocks of 32), 192, 256 (blocks of 64); N not a multiple of the tile; M from 1 past one M tile
@@ -43,6 +45,26 @@ def test_nf4_kernel_equals_bitsandbytes_dequantization(n, k, m):
         y = nf4_call(lin, x, block_n=64, split_k=split)
         assert y.shape == (m, n) and y.dtype == x.dtype
         assert rel_err(y, ref) < 1e-5, (split, rel_err(y, ref))
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_nf4_kernel_on_a_merged_layer(m):
+    """q/k/v-like shards whose second-level scales (one per 256 blocks) start mid-way through the
+    kernel's tiles: every row must find its own shard's scales, offset and code map."""
+    lin, dense = nf4_linear(200, 192, shards=[96, 40, 64])      # 288, 120, 192 blocks of 64
+    assert lin.shard_base2.tolist() == [0, 2, 3] and len(set(lin.offset.tolist())) == 3
+    x = torch.randn(m, 192, device=DEVICE)
+    y = nf4_call(lin, x, block_n=64)
+    assert rel_err(y, x @ dense.t()) < 1e-5
+
+
+def test_nf4_kernel_rows_do_not_depend_on_the_batch():
+    """One token (the reduction path) and the same token in a batch (tensor-core dots) round the weights
+    alike: their results differ only in summation order."""
+    lin, _ = nf4_linear(128, 128)
+    x = torch.randn(4, 128, device=DEVICE).to(torch.float16)
+    alone, batched = nf4_call(lin, x[:1]), nf4_call(lin, x)[:1]
+    assert rel_err(alone, batched.float()) < 1e-5          # 3e-4 if only the dots rounded them
 
 
 def test_nf4_kernel_reads_every_scale():
@@ -66,7 +88,7 @@ def test_kernels_16bit_activations(dtype):
     y = nf4_call(lin, x)
     assert y.dtype == dtype
     assert rel_err(y, x.float() @ dense.t()) < 1e-2          # 16-bit inputs, codes and output rounding only
-    fp8 = quant.FP8Linear(128, 128, DEVICE, torch.float32)
+    fp8 = quant.make_linear("fp8", 128, 128, DEVICE, torch.float32)
     fp8.load_(dense)
     ref = x.float() @ (fp8.weight.float() * fp8.scale[:, None]).t()
     y = qm.fp8_matmul(x, fp8.weight, fp8.scale)
@@ -76,7 +98,7 @@ def test_kernels_16bit_activations(dtype):
 @pytest.mark.parametrize("n,k,m", [(96, 96, 1), (200, 192, 7), (64, 512, 20)])
 def test_fp8_kernel_equals_reference_path(n, k, m):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.05
-    lin = quant.FP8Linear(k, n, DEVICE, torch.float32)
+    lin = quant.make_linear("fp8", k, n, DEVICE, torch.float32)
     lin.load_(w)
     lin.kernel = "library"
     x = torch.randn(m, k, device=DEVICE)
@@ -87,9 +109,9 @@ def test_fp8_kernel_equals_reference_path(n, k, m):
 
 
 def test_kernel_choice_and_errors():
-    lin = quant.NF4Linear(64, 64, "cpu", torch.float32)
+    lin = quant.make_linear("nf4", 64, 64, "cpu", torch.float32)
     assert lin.kernel == "library"                           # CPU default: bitsandbytes
-    fp8 = quant.FP8Linear(64, 64, "cpu", torch.float32)
+    fp8 = quant.make_linear("fp8", 64, 64, "cpu", torch.float32)
     assert fp8.kernel == "library"
     model = torch.nn.Sequential(lin, fp8)
     quant.set_kernel(model, "triton")

@@ -64,6 +64,11 @@ def _interleaved_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
 
 
+def shard(linear, i: int) -> torch.Tensor:
+    """Shard i of a merged projection (q, k, v of qkv_proj): its rows of the weight."""
+    return linear.weight[linear.shard_slice(i)]
+
+
 def test_native_qk_permutation_preserves_attention_scores(make_checkpoint):
     """Independent of our loader's table: attention scores computed the native way from consolidated.safetensors
     (interleaved RoPE) equal the ones our model computes from the permuted weights (rotate-half RoPE)."""
@@ -84,13 +89,13 @@ def test_native_qk_permutation_preserves_attention_scores(make_checkpoint):
     from engine.layers.rotary import apply_rotary, rope_1d
     attn = model.language_model.model.layers[0].self_attn
     cos, sin = rope_1d(torch.arange(7), t.head_dim, t.rope_theta, torch.float32)
-    q_h = apply_rotary(attn.q_proj(x).view(7, t.num_attention_heads, t.head_dim), cos, sin)
-    k_h = apply_rotary(attn.k_proj(x).view(7, t.num_key_value_heads, t.head_dim), cos, sin)
+    q_h = apply_rotary((x @ shard(attn.qkv_proj, 0).T).view(7, t.num_attention_heads, t.head_dim), cos, sin)
+    k_h = apply_rotary((x @ shard(attn.qkv_proj, 1).T).view(7, t.num_key_value_heads, t.head_dim), cos, sin)
     group = t.num_attention_heads // t.num_key_value_heads
     scores_n = torch.einsum("qhd,khd->hqk", q_n, k_n.repeat_interleave(group, 1))
     scores_h = torch.einsum("qhd,khd->hqk", q_h, k_h.repeat_interleave(group, 1))
     torch.testing.assert_close(scores_h, scores_n, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(attn.q_proj.weight, native["layers.0.attention.wq.weight"].float())
+    assert not torch.allclose(shard(attn.qkv_proj, 0), native["layers.0.attention.wq.weight"].float())
 
     # vision: 2-D RoPE, pairs 0..d/4-1 turn with the row (even frequencies), the rest with the column (odd)
     v = TINY.vision
@@ -106,8 +111,8 @@ def test_native_qk_permutation_preserves_attention_scores(make_checkpoint):
     from engine.layers.rotary import rope_2d
     va = model.vision_tower.transformer.layers[0].attention
     cos, sin = rope_2d(rows, cols, v.head_dim, v.rope_theta, torch.float32)
-    qh = apply_rotary(va.q_proj(xv).view(12, v.num_attention_heads, v.head_dim), cos, sin)
-    kh = apply_rotary(va.k_proj(xv).view(12, v.num_attention_heads, v.head_dim), cos, sin)
+    qh = apply_rotary((xv @ shard(va.qkv_proj, 0).T).view(12, v.num_attention_heads, v.head_dim), cos, sin)
+    kh = apply_rotary((xv @ shard(va.qkv_proj, 1).T).view(12, v.num_attention_heads, v.head_dim), cos, sin)
     torch.testing.assert_close(torch.einsum("qhd,khd->hqk", qh, kh), torch.einsum("qhd,khd->hqk", qn, kn),
                                rtol=1e-4, atol=1e-4)
 
@@ -148,7 +153,8 @@ def _edit_shard(d: Path, edit):
 
 def test_missing_unexpected_and_misshapen_are_listed_together(broken):
     def edit(t):
-        del t["language_model.model.layers.1.mlp.up_proj.weight"]
+        del t["language_model.model.layers.1.mlp.up_proj.weight"]        # one shard of a merged gate_up_proj
+        del t["language_model.model.layers.0.self_attn.v_proj.weight"]   # one shard of a merged qkv_proj
         del t["vision_tower.ln_pre.weight"]
         t["language_model.model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
         t["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)
@@ -156,7 +162,8 @@ def test_missing_unexpected_and_misshapen_are_listed_together(broken):
     with pytest.raises(CheckpointError) as e:
         load_model(resolve(broken), progress=False)
     msg = str(e.value)
-    assert "2 missing tensors" in msg and "layers.1.mlp.up_proj.weight" in msg and "vision_tower.ln_pre" in msg
+    assert "3 missing tensors" in msg and "layers.1.mlp.up_proj.weight" in msg and "vision_tower.ln_pre" in msg
+    assert "layers.0.self_attn.v_proj.weight" in msg
     assert "1 unexpected tensors" in msg and "rotary_emb.inv_freq" in msg
     assert "1 misshapen tensors" in msg and "q_proj.weight: [3, 3]" in msg and "expected [128, 96]" in msg
 

@@ -1,7 +1,8 @@
 """Mistral3ForConditionalGeneration: Pixtral encoder + patch-merging projector + Mistral decoder.
 
 Module tree = the HF 4.50 checkpoint's key names (`language_model.model.*`, `language_model.lm_head`,
-`vision_tower.*`, `multi_modal_projector.*`); engine/weights.py maps the other layouts onto it.
+`vision_tower.*`, `multi_modal_projector.*`), q/k/v and gate/up merged into projections whose shards keep
+those names; engine/weights.py maps the other layouts onto them.
 """
 
 import torch

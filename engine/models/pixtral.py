@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from engine.config import VisionConfig
-from engine.layers.attention import segment_attention
-from engine.layers.mlp import SwiGLU, linear
+from engine.layers.attention.segment import segment_attention
+from engine.layers.linear import Linear
+from engine.layers.mlp import SwiGLU
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import apply_rotary, rope_2d
 
@@ -17,16 +18,14 @@ class PixtralAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = linear(cfg.hidden_size, cfg.hidden_size)
-        self.o_proj = linear(cfg.hidden_size, cfg.hidden_size)
+        h = cfg.hidden_size
+        self.qkv_proj = Linear(h, [h, h, h], ("q_proj", "k_proj", "v_proj"))
+        self.o_proj = Linear(h, [h])
 
     def forward(self, x: torch.Tensor, cos, sin, lens: list[int]) -> torch.Tensor:
         n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(segment_attention(q, k, v, lens, self.head_dim ** -0.5).reshape(n, -1))
 
 
