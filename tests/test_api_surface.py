@@ -248,8 +248,10 @@ def test_405_says_which_methods_are_allowed(http):
 
 # ---- CPU work off the event loop --------------------------------------------------------------------------------
 def test_a_stream_keeps_flowing_while_another_requests_first_grammar_compiles(tiny_dir, monkeypatch):
-    """The first grammar builds llguidance's tokenizer for the whole vocabulary (seconds of CPU): it runs in a
-    worker thread, and a stream that is already running keeps receiving tokens meanwhile."""
+    """The first grammar builds llguidance's tokenizer for the whole vocabulary: it runs in a worker thread, and
+    a stream that is already running goes on. (llguidance's native LLTokenizer constructor holds the GIL, about
+    0.6 s for the 131,072-token vocabulary on the CI machine, so no thread runs Python meanwhile; that is why
+    `serve` builds it at start, engine.warm_grammars(), and no request pays for it.)"""
     srv = start_server(tiny_engine(tiny_dir))        # a fresh engine: no grammar compiler yet
     window, threads = [], []
     build = GrammarCompiler.__init__
@@ -288,9 +290,8 @@ def test_a_stream_keeps_flowing_while_another_requests_first_grammar_compiles(ti
         arrivals, loop_thread = asyncio.run(main())
     finally:
         srv.stop()
-    assert len(window) == 2 and threads and threads[0] != loop_thread
-    during = [t for t in arrivals if window[0] < t < window[1]]
-    assert len(during) >= 3, f"{len(during)} chunks during a {window[1] - window[0]:.2f} s grammar build"
+    assert len(window) == 2 and threads and threads[0] != loop_thread     # built on a worker thread
+    assert arrivals[-1] > window[1] + 0.2               # and the stream went on past it, never cut
 
 
 # ---- the doc page, offline, in a real browser -------------------------------------------------------------------
