@@ -136,3 +136,30 @@ def test_logit_bias_is_batched_per_row_and_logprobs_stay_the_models():
     assert torch.allclose(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={1: 100.5})
+
+
+# ---- the same on the fast path ------------------------------------------------------------------------------------
+def test_choices_prompt_logprobs_and_logit_bias_on_the_triton_backend(tiny_dir):
+    """n choices (sharing one prefill through the prefix cache), prompt logprobs and logit_bias give the same
+    answers on the Triton attention backend (Triton's interpreter on CPU) as on the reference backend."""
+    prompt = "<s>" + text(30)
+    seeded = SamplingParams(max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
+    scored = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2, ignore_eos=True)
+    results = {}
+    for backend in ("reference", "triton"):
+        llm = make_llm(tiny_dir, attention_backend=backend, max_num_batched_tokens=16)
+        assert llm.engine.runner.attention.name == backend
+        choices = [o.token_ids for o in run_choices(llm, prompt, seeded, 3)]
+        greedy = llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), raw=True)[0]
+        bias = {greedy.token_ids[0]: -100.0}
+        biased = llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                     logit_bias=bias), raw=True)[0]
+        lps = llm.generate(prompt, scored, raw=True)[0].prompt_logprobs
+        results[backend] = (choices, greedy.token_ids, biased.token_ids, lps)
+        clean(llm)
+    ref, fast = results["reference"], results["triton"]
+    assert len(set(map(tuple, ref[0]))) > 1 and fast[0] == ref[0]        # the choices differ, and agree
+    assert fast[1] == ref[1] and fast[2] == ref[2] and ref[2][0] != ref[1][0]
+    assert len(fast[3]) == len(ref[3]) and fast[3][0] is None
+    for a, b in zip(fast[3][1:], ref[3][1:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4 and a.rank == b.rank
