@@ -304,14 +304,13 @@ class Generation:
         self.ticket.release()
         ended_by = None if self.finished else self.ticket.reason or ended_by or CLIENT_DISCONNECTED
         # what the engine generated, read by the client or not: each prompt counted once, completions summed
-        usages = [s.usage for s in self.streams]
-        leaders = self.streams[::self.req.n]
-        reasons = {s.finish_reason for s in self.streams if s.finish_reason is not None}
-        reason = "length" if "length" in reasons else min(reasons) if len(reasons) == len(self.streams) and \
-            reasons else None
-        self.timer.finish(self.state.metrics, sum(s.num_prompt_tokens for s in leaders),
-                          sum(u.completion_tokens for u in usages if u), sum(s.usage.cached_tokens for s in leaders
-                                                                              if s.usage), reason, ended_by)
+        usages = [s.usage for s in self.streams if s.usage is not None]
+        leaders = [s.usage for s in self.streams[::self.req.n] if s.usage is not None]
+        ends = [s.finish_reason for s in self.streams]      # the request's: "length" when any choice was cut
+        reason = None if None in ends else "length" if "length" in ends else ends[0]
+        self.timer.finish(self.state.metrics, sum(s.num_prompt_tokens for s in self.streams[::self.req.n]),
+                          sum(u.completion_tokens for u in usages), sum(u.cached_tokens for u in leaders), reason,
+                          ended_by)
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
