@@ -16,6 +16,15 @@ from engine.tiny_checkpoint import TINY, write_checkpoint
 from engine.tokenizer import write_tekken_v7
 
 
+@pytest.fixture
+def drained(request):
+    """Opt in with `pytestmark = pytest.mark.usefixtures("drained")`: after every test that used the module's
+    server (`live`), the engine is idle and its KV pool whole."""
+    yield
+    if "live" in request.fixturenames:
+        request.getfixturevalue("live").assert_drained(15)
+
+
 @pytest.fixture(scope="session")
 def tekken_path(tmp_path_factory) -> Path:
     return write_tekken_v7(tmp_path_factory.mktemp("tekken") / "tekken.json")

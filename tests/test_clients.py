@@ -22,6 +22,8 @@ from server_fixture import start_server, tiny_engine
 
 from server.config import CLOUDFLARE_MODEL, MISTRAL_MODEL, ServerSettings
 
+pytestmark = pytest.mark.usefixtures("drained")   # after each test using `live`: idle engine, whole pool
+
 KEY = "client-key"
 CALL_ID = re.compile(r"[A-Za-z0-9]{9}")
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -43,12 +45,6 @@ def live(tiny_dir):
     yield srv
     srv.stop()
 
-
-@pytest.fixture(autouse=True)
-def drained(request):
-    yield
-    if "live" in request.fixturenames:
-        request.getfixturevalue("live").assert_drained(10)
 
 
 @pytest.fixture

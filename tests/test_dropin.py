@@ -17,6 +17,8 @@ from server_fixture import start_server, tiny_engine
 from engine.limits import MAX_N
 from server.config import CLOUDFLARE_MODEL, HF_MODEL, MISTRAL_MODEL, ServerSettings
 
+pytestmark = pytest.mark.usefixtures("drained")   # after each test using `live`: idle engine, whole pool
+
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MISTRAL_UA = {"user-agent": "mistral-client-python/3.7.0"}
 CALL_ID = re.compile(r"[A-Za-z0-9]{9}")
@@ -40,12 +42,6 @@ def live(tiny_dir):
     yield srv
     srv.stop()
 
-
-@pytest.fixture(autouse=True)
-def drained(request):
-    yield
-    if "live" in request.fixturenames:
-        request.getfixturevalue("live").assert_drained(10)
 
 
 @pytest.fixture

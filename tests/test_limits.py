@@ -20,6 +20,8 @@ from util import data_uri
 from server.config import ServerSettings
 from server.limits import Limits
 
+pytestmark = pytest.mark.usefixtures("drained")   # after each test using `live`: idle engine, whole pool
+
 MiB = 2**20
 SLACK = 64 * 1024        # what uvicorn may have read beyond what the app took (its read-pause threshold)
 
@@ -57,11 +59,6 @@ def live(tiny_dir):
     yield srv
     srv.stop()
 
-
-@pytest.fixture(autouse=True)
-def drained(live):
-    yield
-    live.assert_drained(10)
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from test_server import ACCOUNT, CF, HELLO, RUN, cf_error, metric, oai_error, re
 from server.config import ServerSettings
 from server.render_workers import WorkersRenderer
 
+pytestmark = pytest.mark.usefixtures("drained")   # after each test using `live`: idle engine, whole pool
+
 MiB = 2**20
 SLOTS = 4           # the engine's running slots (--max-num-seqs) in this module
 # a chat stream with 20 alternatives per token: ~1.5 KB per event, so a stalled reader's buffers fill fast
@@ -35,11 +37,6 @@ def live(tiny_dir):
     yield srv
     srv.stop()
 
-
-@pytest.fixture(autouse=True)
-def drained(live):
-    yield
-    live.assert_drained(15)
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -29,6 +29,8 @@ from engine.tool_calls import _hash_id
 from server.config import CLOUDFLARE_MODEL, ServerSettings
 from server.structured import parse_tools
 
+pytestmark = pytest.mark.usefixtures("drained")   # after each test using `live`: idle engine, whole pool
+
 TOKEN = "test-token"
 RUN = f"/client/v4/accounts/acct/ai/run/{CLOUDFLARE_MODEL}"
 CHAT = "/v1/chat/completions"
@@ -214,13 +216,6 @@ def live(tiny_dir):
     yield srv
     srv.stop()
 
-
-@pytest.fixture(autouse=True)
-def drained(request):
-    """After every test that used the server: the engine is idle and its KV pool whole."""
-    yield
-    if "live" in request.fixturenames:
-        request.getfixturevalue("live").assert_drained(10)
 
 
 def post_all(srv, jobs: list[tuple[str, dict]]) -> list[Reply]:
