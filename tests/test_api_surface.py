@@ -165,7 +165,7 @@ def test_workers_tool_choice_is_honoured(live, http, monkeypatch):
     """Cloudflare's AI SDK provider sends tool_choice: it shapes the grammar the engine decodes under."""
     seen = []
 
-    async def spy(prompt, params, n, raw=False, tools=None):
+    async def spy(prompt, params, n, request_id=None, raw=False, tools=None):
         seen.append(params.grammar)
         raise ValueError("captured by the test")
 

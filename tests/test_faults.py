@@ -71,15 +71,16 @@ def test_a_fault_in_one_requests_grammar_ends_only_that_request(tiny_dir):
 
 def test_a_fault_in_one_requests_grammar_is_that_requests_error_over_http(tiny_dir, monkeypatch):
     srv = start_server(tiny_engine(tiny_dir), ServerSettings())
-    process = srv.engine.process
+    process_choices = srv.engine.process_choices      # what the server calls for every request
 
     def faulty_process(prompt, params=None, *args, **kwargs):
-        req = process(prompt, params, *args, **kwargs)
+        reqs = process_choices(prompt, params, *args, **kwargs)
         if "FAULT" in json.dumps(prompt):
-            req.matcher = FaultyMatcher(req.matcher, 0, "advance")
-        return req
+            for req in reqs:
+                req.matcher = FaultyMatcher(req.matcher, 0, "advance")
+        return reqs
 
-    monkeypatch.setattr(srv.engine, "process", faulty_process)
+    monkeypatch.setattr(srv.engine, "process_choices", faulty_process)
     body = {"max_tokens": 30, "temperature": 0, "guided_json": {"type": "boolean"}}    # done in a few tokens
 
     async def main():

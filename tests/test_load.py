@@ -219,7 +219,7 @@ def test_the_timeout_covers_preparation(live, monkeypatch):
     async def slow_submit(*args, **kwargs):
         await asyncio.sleep(30)
 
-    monkeypatch.setattr(live.llm, "submit", slow_submit)
+    monkeypatch.setattr(live.llm, "submit_choices", slow_submit)
     with live.override(limits={"request_timeout": 0.5}):
         start = time.monotonic()
         r = httpx.post(live.url + RUN, json={"prompt": "hi"}, timeout=60)
@@ -243,7 +243,7 @@ def test_a_render_fault_ends_that_stream_with_5000_and_the_others_finish(live, m
 
     def remember(self, req, pad):
         init(self, req, pad)
-        self._prompt = req.prompt if isinstance(req.prompt, str) else ""
+        self._prompt = req.prompts[0] if isinstance(req.prompts[0], str) else ""
 
     monkeypatch.setattr(WorkersRenderer, "delta", faulty)
     monkeypatch.setattr(WorkersRenderer, "__init__", remember)

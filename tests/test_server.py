@@ -93,7 +93,7 @@ def captured(live, monkeypatch):
     """Record what reaches the engine instead of running it (the request then fails with 400 'captured')."""
     seen = []
 
-    async def spy(prompt, params, n, raw=False, tools=None):
+    async def spy(prompt, params, n, request_id=None, raw=False, tools=None):
         seen.append(SimpleNamespace(prompt=prompt, params=params, n=n, raw=raw, tools=tools))
         raise ValueError("captured by the test")
 

@@ -27,7 +27,7 @@ LONG = {"max_tokens": 20000, "ignore_eos": True, "temperature": 0, "stream": Tru
 FAULTY = """
 import sys, time
 from engine.llm_engine import LLMEngine
-submit, step, process = LLMEngine.submit, LLMEngine.step, LLMEngine.process
+submit, step, process = LLMEngine.submit, LLMEngine.step, LLMEngine.process_choices
 def submit_(self, req):
     self.boom = getattr(self, "boom", False) or req.params.max_tokens == 777
     submit(self, req)
@@ -39,7 +39,7 @@ def process_(self, prompt, *args, **kwargs):
     if "SLOW" in str(prompt):
         time.sleep(5)
     return process(self, prompt, *args, **kwargs)
-LLMEngine.submit, LLMEngine.step, LLMEngine.process = submit_, step_, process_
+LLMEngine.submit, LLMEngine.step, LLMEngine.process_choices = submit_, step_, process_
 from server.cli import main
 sys.exit(main(sys.argv[1:]))
 """
