@@ -46,7 +46,6 @@ def live(tiny_dir):
     srv.stop()
 
 
-
 @pytest.fixture
 def oai(live):
     return openai.OpenAI(api_key=KEY, base_url=f"{live.url}/v1", max_retries=0)

@@ -60,7 +60,6 @@ def live(tiny_dir):
     srv.stop()
 
 
-
 @pytest.fixture
 def http(live):
     with httpx.Client(base_url=live.url, timeout=60) as c:

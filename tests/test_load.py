@@ -38,7 +38,6 @@ def live(tiny_dir):
     srv.stop()
 
 
-
 def wait_for(condition, timeout: float, what: str):
     end = time.monotonic() + timeout
     while not condition():

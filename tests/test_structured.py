@@ -217,7 +217,6 @@ def live(tiny_dir):
     srv.stop()
 
 
-
 def post_all(srv, jobs: list[tuple[str, dict]]) -> list[Reply]:
     return http_util.post_all(srv, jobs, TOKEN)
 
