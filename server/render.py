@@ -81,24 +81,27 @@ class EventStream(StreamingResponse):
         self.gen, self.stall_timeout, self.connection = gen, stall_timeout, connection
 
     async def stream_response(self, send) -> None:
-        self.connection.limit_send_buffer(SSE_SEND_BUFFER)
-
-        async def send_unless_stalled(message):
-            try:
-                async with asyncio.timeout(self.stall_timeout or None):
-                    await send(message)
-            except TimeoutError:
-                raise ClientStalled() from None
-
         try:
-            await super().stream_response(send_unless_stalled)
-        except ClientStalled:
-            log.warning("request %s: the client read nothing for %g s (--stall-timeout): aborted, connection cut",
-                        self.gen.request_id, self.stall_timeout)
-            self.gen.ticket.interrupt(ApiError(408, ABORTED, "Request was aborted: the client stopped reading"),
-                                      CLIENT_STALLED)
-            await self.body_iterator.aclose()
-            self.connection.cut()
+            self.connection.limit_send_buffer(SSE_SEND_BUFFER)
+
+            async def send_unless_stalled(message):
+                try:
+                    async with asyncio.timeout(self.stall_timeout or None):
+                        await send(message)
+                except TimeoutError:
+                    raise ClientStalled() from None
+
+            try:
+                await super().stream_response(send_unless_stalled)
+            except ClientStalled:
+                log.warning("request %s: the client read nothing for %g s (--stall-timeout): aborted, connection "
+                            "cut", self.gen.request_id, self.stall_timeout)
+                self.gen.ticket.interrupt(ApiError(408, ABORTED, "Request was aborted: the client stopped "
+                                                                 "reading"), CLIENT_STALLED)
+                await self.body_iterator.aclose()
+                self.connection.cut()
+        finally:    # the SSE loop closes it once started; a client gone before the first byte never starts it
+            self.gen.close()
 
 
 async def _sse(gen: Generation, renderer: Renderer):
@@ -145,7 +148,10 @@ class Connection:
     def limit_send_buffer(self, size: int) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except (OSError, ValueError):   # the client has gone already: the first send says so
+                pass
 
 
 def usage_dict(u: Usage, details: bool = False) -> dict:

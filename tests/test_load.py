@@ -264,6 +264,24 @@ def test_a_render_fault_ends_that_stream_with_5000_and_the_others_finish(live, m
     assert sorted(str(line["ended_by"]) for line in request_logs(caplog)) == ["None", "None", "error"]
 
 
+# ---- a client gone before the first byte -----------------------------------------------------------------------------
+def test_a_stream_whose_client_left_before_its_first_byte_releases_everything(live):
+    """The client closes its socket right after sending (before, while or after the stream starts): the
+    request's admission ticket, every choice's engine stream and its KV blocks are released all the same."""
+    host, port = live.url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": HELLO, "n": 2, "max_tokens": 50, "stream": True}).encode()
+    for delay in (0.0, 0.01, 0.02, 0.05, 0.2):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(delay)
+    live.assert_drained(30)
+    end = time.monotonic() + 10
+    while (live.state.admission.tickets or live.llm._sinks) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not live.state.admission.tickets and not live.llm._sinks
+
+
 # ---- the soak ------------------------------------------------------------------------------------------------------
 def test_soak_64_streams_both_routes_disconnects_and_stalls(tiny_dir, caplog):
     """Fixed rounds of 64 concurrent streams on both routes: 25% disconnect at a random point, 10% stall (4 KiB
