@@ -2,8 +2,9 @@
 
 A request holds a Ticket from the moment it passes the queue check until its response has ended. The check
 and the taking of the ticket happen together, before anything is awaited, so a burst can never pass it
-together: at most `--max-num-seqs` (the engine's running slots) + `--max-queue` requests are held at once,
-and `rejectIfBusy` refuses a request unless it could run at the next step (a slot free, nothing waiting).
+together: at most `--max-num-seqs` (the engine's running slots) + `--max-queue` sequences are held at once (a
+request weighs its sequences: prompts × n; one larger than that bound is admitted only alone), and
+`rejectIfBusy` refuses a request unless it could run at the next step (slots free for it, nothing waiting).
 
 A ticket can be interrupted — its timeout passed, the client stopped reading, the server is shutting down,
 the engine died — with the error its client gets. Before the request reaches the engine the interruption
@@ -39,22 +40,26 @@ def shutting_down() -> ApiError:
 class Admission:
     def __init__(self):
         self.tickets: set[Ticket] = set()
+        self.held = 0                           # the tickets' sequences
         self.draining = False                   # SIGTERM: new requests get 503
         self.loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def admit(self, limits: Limits, slots: int, engine_waiting: int, reject_if_busy: bool) -> Ticket:
-        """Take a ticket or raise (429 full or busy, 503 shutting down). Synchronous: nothing can slip in
-        between the check and the taking."""
+    def admit(self, limits: Limits, slots: int, engine_waiting: int, reject_if_busy: bool,
+              sequences: int = 1) -> Ticket:
+        """Take a ticket for a request of `sequences` engine sequences or raise (429 full or busy, 503 shutting
+        down). Synchronous: nothing can slip in between the check and the taking."""
         if self.draining:
             raise shutting_down()
-        held = len(self.tickets)
-        if held >= slots + limits.max_queue or (reject_if_busy and (held >= slots or engine_waiting > 0)):
+        held = self.held
+        if (held and held + sequences > slots + limits.max_queue) or \
+                (reject_if_busy and (held + sequences > slots or engine_waiting > 0)):
             raise busy()
         self.loop = asyncio.get_running_loop()
-        ticket = Ticket(self, limits.request_timeout)
+        ticket = Ticket(self, limits.request_timeout, sequences)
         self.tickets.add(ticket)
+        self.held += sequences
         self._idle.clear()
         return ticket
 
@@ -71,14 +76,16 @@ class Admission:
         await self._idle.wait()
 
     def _release(self, ticket: Ticket) -> None:
-        self.tickets.discard(ticket)
+        if ticket in self.tickets:
+            self.tickets.discard(ticket)
+            self.held -= ticket.sequences
         if not self.tickets:
             self._idle.set()
 
 
 class Ticket:
-    def __init__(self, admission: Admission, timeout: float):
-        self.admission = admission
+    def __init__(self, admission: Admission, timeout: float, sequences: int = 1):
+        self.admission, self.sequences = admission, sequences
         self.error: ApiError | None = None
         self.reason: str | None = None          # why it was interrupted (see the constants above)
         self._interrupted = asyncio.get_running_loop().create_future()

@@ -33,8 +33,8 @@ class Limits:
     max_image_pixels: int = option(25_000_000, f"pixels per image, read from its header before decoding "
                                    f"(at most {MAX_IMAGE_PIXELS}, the decoder's own bound)")
     max_request_pixels: int = option(50_000_000, "pixels of all of a request's images together")
-    max_queue: int = option(512, "requests admitted beyond the engine's running slots (--max-num-seqs); more "
-                            "get 429 / 3040")
+    max_queue: int = option(512, "sequences admitted beyond the engine's running slots (--max-num-seqs; a "
+                            "request weighs prompts x n); more get 429 / 3040")
     request_timeout: float = option(600.0, "seconds from a request's arrival to its last token; then 408 / 3007 "
                                     "(an error event when streaming); 0 = no limit")
     stall_timeout: float = option(30.0, "seconds a streaming client may leave the server unable to send; then "

@@ -109,7 +109,7 @@ async def start(state, req: GenerationRequest) -> Generation:
     anything reaches the engine. The request holds its admission ticket from here until Generation.close()."""
     llm: AsyncLLM = state.ready_engine()
     ticket = state.admission.admit(state.settings.limits, llm.engine.config.max_num_seqs, llm.num_waiting,
-                                   req.reject_if_busy)
+                                   req.reject_if_busy, len(req.prompts) * req.n)
     try:
         streams = await _prepare(llm, ticket, state.settings.limits, req)
     except BaseException:

@@ -4,6 +4,7 @@ headers before any decoding. And inputs that once made 500s: they are 400s now."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -293,3 +294,34 @@ def test_max_tokens_is_checked_when_max_completion_tokens_is_present(http):
 def test_the_model_name_is_still_checked(http):
     err = oai_error(http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO}), 404)
     assert err["code"] == "model_not_found" and CF in err["message"]
+
+
+def test_admission_weighs_a_request_by_its_sequences():
+    """`--max-queue` bounds sequences: an n=16 request takes sixteen places (a larger one than the bound is
+    admitted only alone), and rejectIfBusy needs slots free for all of a request's sequences."""
+    from server.admission import Admission
+    from server.errors import ApiError
+    limits = Limits(max_queue=4)
+
+    async def main():
+        adm = Admission()
+        big = adm.admit(limits, 4, 0, False, 6)
+        small = adm.admit(limits, 4, 0, False, 2)               # 8 = slots + queue
+        with pytest.raises(ApiError) as e:
+            adm.admit(limits, 4, 0, False, 1)
+        assert e.value.status == 429
+        big.release()
+        with pytest.raises(ApiError):
+            adm.admit(limits, 4, 0, True, 3)                    # 2 + 3 sequences > 4 slots: busy
+        busy_ok = adm.admit(limits, 4, 0, True, 2)
+        small.release()
+        busy_ok.release()
+        assert adm.held == 0 and not adm.tickets
+        alone = adm.admit(limits, 4, 0, False, 20)              # more than the bound, but alone
+        with pytest.raises(ApiError):
+            adm.admit(limits, 4, 0, False, 1)
+        alone.release()
+        alone.release()                                         # releasing twice changes nothing
+        assert adm.held == 0
+
+    asyncio.run(main())
