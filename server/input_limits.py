@@ -11,23 +11,26 @@ from server.limits import Limits
 def check_text(prompt: str | list[dict], tools: list[dict] | None, limits: Limits) -> None:
     """Characters of text (413 when over --max-prompt-chars): the prompt, or every string of the messages
     but image data, and the tool definitions."""
-    n = text_chars(prompt) + text_chars(tools)
+    n = text_chars(prompt, images=True) + text_chars(tools)
     if n > limits.max_prompt_chars:
         raise too_large(f"the prompt has {n} characters of text; at most {limits.max_prompt_chars} are accepted "
                         f"(--max-prompt-chars)")
 
 
-def text_chars(value) -> int:
-    """Characters of every string and key in a JSON value, image_url values left out; no recursion."""
+def text_chars(value, images: bool = False) -> int:
+    """Characters of every string and key in a JSON value, without recursion. `images`: the value is chat
+    messages, whose image parts (`{"type": "image_url", ...}`, counted by the image limits) are left out; any
+    other `image_url` key, in a tool's schema say, is text like the rest."""
     total, stack = 0, [value]
     while stack:
         v = stack.pop()
         if isinstance(v, str):
             total += len(v)
         elif isinstance(v, dict):
+            image_part = images and v.get("type") == "image_url"
             for k, child in v.items():
                 total += len(k) if isinstance(k, str) else 0
-                if k != "image_url":
+                if not (image_part and k == "image_url"):
                     stack.append(child)
         elif isinstance(v, list):
             stack.extend(v)

@@ -183,6 +183,9 @@ def test_prompt_characters_are_limited_before_tokenizing(live, http, monkeypatch
         assert err["code"] == "request_too_large"
         tool = {"name": "f", "description": "d" * 1000, "parameters": {"type": "object"}}
         cf_error(http.post(RUN, json={"messages": HELLO, "tools": [tool]}), 413, 3006)
+        hidden = {"name": "f", "parameters": {"type": "object", "properties": {         # not an image part
+            "image_url": {"type": "string", "description": "d" * 1000}}}}
+        cf_error(http.post(RUN, json={"messages": HELLO, "tools": [hidden]}), 413, 3006)
     assert encoded == []
 
 
