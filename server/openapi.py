@@ -205,7 +205,8 @@ def model_responses() -> dict:
 def tokenizer_responses(model: type[BaseModel]) -> dict:
     return {200: {"model": model, "description": "The result"},
             **_errors(OpenAIError, {400: _COMMON[400], 401: _COMMON[401], 403: _COMMON[403],
-                                    404: "Unknown model", 500: _COMMON[500], 503: _COMMON[503]})}
+                                    404: "Unknown model", 413: _COMMON[413], 500: _COMMON[500],
+                                    503: _COMMON[503]})}
 
 
 def route(summary: str, body: type[BaseModel] | None, responses: dict, path: str = "") -> dict:

@@ -179,8 +179,9 @@ def test_prompt_characters_are_limited_before_tokenizing(live, http, monkeypatch
         r = http.post(RUN, json={"messages": [{"role": "system", "content": "s" * 600},
                                               {"role": "user", "content": "u" * 600}]})
         assert "--max-prompt-chars" in cf_error(r, 413, 3006)
-        err = oai_error(http.post("/v1/completions", json={"prompt": "p" * 1001}), 413)
-        assert err["code"] == "request_too_large"
+        for path in ("/v1/completions", "/tokenize"):
+            err = oai_error(http.post(path, json={"prompt": "p" * 1001}), 413)
+            assert err["code"] == "request_too_large"
         tool = {"name": "f", "description": "d" * 1000, "parameters": {"type": "object"}}
         cf_error(http.post(RUN, json={"messages": HELLO, "tools": [tool]}), 413, 3006)
         hidden = {"name": "f", "parameters": {"type": "object", "properties": {         # not an image part
@@ -207,9 +208,10 @@ def test_no_image_is_decoded_past_its_header_when_its_pixels_exceed_the_limit(li
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or load(self))
     big = png_uri(8192, 8192)                  # 8192² compresses to a few hundred KB
     assert len(big) < 1 * MiB
-    for path in (RUN, "/v1/chat/completions"):
-        r = http.post(path, json={"messages": image_message(big), "max_tokens": 1})
-        assert r.status_code == 400 and "--max-image-pixels" in r.text, r.text
+    for path in (RUN, "/v1/chat/completions", "/tokenize"):
+        r = http.post(path, json={"messages": image_message(big), "max_tokens": 1} if path != "/tokenize" else
+                      {"messages": image_message(big)})
+        assert r.status_code == 400 and "--max-image-pixels" in r.text, (path, r.text)
     assert decoded == []
     ok = http.post(RUN, json={"messages": image_message(data_uri(56, 56, 1)), "max_tokens": 1})
     assert ok.status_code == 200 and decoded and set(decoded) == {(56, 56)}     # the check does not stop decoding
@@ -224,6 +226,8 @@ def test_images_per_request_and_pixels_per_request(live, http, monkeypatch):
         err = oai_error(http.post("/v1/chat/completions", json={"messages": image_message(small, small, small)}),
                         400)
         assert "3 images; at most 2" in err["message"] and "--max-images" in err["message"]
+        err = oai_error(http.post("/tokenize", json={"messages": image_message(small, small, small)}), 400)
+        assert "--max-images" in err["message"]
     with live.override(limits={"max_request_pixels": 3000, "max_image_pixels": 2000}):
         r = http.post(RUN, json={"messages": image_message(png_uri(40, 40), png_uri(40, 40))})
         assert "--max-request-pixels" in cf_error(r, 400, 5006)
