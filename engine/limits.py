@@ -16,6 +16,7 @@ MAX_STOP = 16            # stop strings per request
 MAX_N = 16               # choices per prompt (OpenAI's `n`): each is its own sequence sharing the prompt's blocks
 MAX_PROMPTS = 64         # prompts in one /v1/completions request (a list of strings or of token-id lists)
 LOGIT_BIAS = 100         # OpenAI's logit_bias values lie in [-100, 100]
+MAX_LOGIT_BIAS = 300     # entries per request (OpenAI's bound): the sampler builds them into every step
 
 
 @dataclass(frozen=True)

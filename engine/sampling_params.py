@@ -6,7 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from engine.limits import ENGINE, MAX_STOP
+from engine.limits import ENGINE, MAX_LOGIT_BIAS, MAX_STOP
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,8 @@ class SamplingParams:
         if not isinstance(pairs, (tuple, list, type({}.items()))):
             bad("logit_bias", f"must be a mapping of token ids to numbers, got {type(bias).__name__}")
         rng, out = ENGINE["logit_bias"], {}
+        if len(pairs) > MAX_LOGIT_BIAS:
+            bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries are accepted, got {len(pairs)}")
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 bad("logit_bias", f"expected (token id, bias) pairs, got {pair!r}")

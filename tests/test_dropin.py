@@ -189,13 +189,16 @@ def test_logit_bias_steers_sampling_and_logprobs_stay_the_models(http):
     biased = http.post(CHAT, json={**body, "logit_bias": {str(favoured): 100}}).json()["choices"][0]
     tokens = [t["token"] for t in biased["logprobs"]["content"]]
     assert tokens == ["},"] * 4
-    # the first position saw the same model: its top alternatives are the unbiased ones, not the bias's
-    assert biased["logprobs"]["content"][0]["top_logprobs"] == plain["logprobs"]["content"][0]["top_logprobs"]
+    # the first position saw the same model: its top alternatives are the unbiased ones, not the bias's (equal
+    # up to float noise: the second request reads the prompt's K/V from the prefix cache)
+    seen, model = (c["logprobs"]["content"][0]["top_logprobs"] for c in (biased, plain))
+    assert [t["token"] for t in seen] == [t["token"] for t in model]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-5 for a, b in zip(seen, model))
     first = plain["logprobs"]["content"][0]["token"]
     first_id = json.loads(http.post("/tokenize", json={"prompt": first, "add_special_tokens": False}).text)["tokens"]
     banned = http.post(CHAT, json={**body, "logit_bias": {str(first_id[0]): -100}}).json()["choices"][0]
     assert banned["logprobs"]["content"][0]["token"] != first
-    for bias in ({"abc": 1}, {"5": 101}, {"5": "x"}, {"999999": 1}, []):
+    for bias in ({"abc": 1}, {"5": 101}, {"5": "x"}, {"999999": 1}, [], {str(t): 1 for t in range(301)}):
         err = http.post(COMPLETIONS, json={"prompt": "x", "logit_bias": bias}).json()["error"]
         assert err["param"] == "logit_bias" and "logit_bias" in err["message"], (bias, err)
 
