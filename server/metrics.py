@@ -85,9 +85,11 @@ class RequestTimer:
             self.first_token = time.monotonic()
 
     def finish(self, metrics: Metrics | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
-               finish_reason: str | None, ended_by: str | None = None) -> None:
+               finish_reason: str | None, ended_by: str | None = None, sequence_tokens: int | None = None) -> None:
         """`finish_reason`: how the engine ended the request (None while it was still running); `ended_by`: why
-        its response ended before the answer was delivered (server/admission.py), None when it was."""
+        its response ended before the answer was delivered (server/admission.py), None when it was;
+        `sequence_tokens`: the longest choice's tokens when several decode side by side (TPOT is per sequence;
+        default: completion_tokens)."""
         end = time.monotonic()
         ttft = None if self.first_token is None else self.first_token - self.start
         decode = None if self.first_token is None else end - self.first_token
@@ -99,8 +101,9 @@ class RequestTimer:
             metrics.e2e.labels(m).observe(end - self.start)
             if ttft is not None:
                 metrics.ttft.labels(m).observe(ttft)
-            if decode is not None and completion_tokens > 1:
-                metrics.tpot.labels(m).observe(decode / (completion_tokens - 1))
+            per_sequence = completion_tokens if sequence_tokens is None else sequence_tokens
+            if decode is not None and per_sequence > 1:
+                metrics.tpot.labels(m).observe(decode / (per_sequence - 1))
             if ended_by is not None:
                 metrics.success.labels(m, "error" if ended_by == "error" else "abort").inc()
                 metrics.ended_early.labels(m, ended_by).inc()

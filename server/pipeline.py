@@ -310,7 +310,7 @@ class Generation:
         reason = None if None in ends else "length" if "length" in ends else ends[0]
         self.timer.finish(self.state.metrics, sum(s.num_prompt_tokens for s in self.streams[::self.req.n]),
                           sum(u.completion_tokens for u in usages), sum(u.cached_tokens for u in leaders), reason,
-                          ended_by)
+                          ended_by, max((u.completion_tokens for u in usages), default=0))
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

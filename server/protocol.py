@@ -310,6 +310,7 @@ OPENAI_UNSUPPORTED = {
     "min_p": ("min_p", 0), "guided_regex": ("guided_regex", None), "guided_choice": ("guided_choice", None),
     "guided_grammar": ("guided_grammar", None), "use_beam_search": ("beam search", False),
     "safe_prompt": ("safe_prompt (Mistral's safety system prompt)", False),
+    "prompt_mode": ("prompt_mode (Mistral's reasoning mode)", None),
 }
 
 

@@ -6,6 +6,7 @@ a real uvicorn server."""
 from __future__ import annotations
 
 import json
+import time
 import re
 
 import httpx
@@ -269,6 +270,22 @@ def test_random_seed_is_seed_and_safe_prompt_is_refused(http):
     assert http.post(CHAT, json={**body, "safe_prompt": False}).status_code == 200
     err = http.post(CHAT, json={**body, "safe_prompt": True}).json()["error"]
     assert err["param"] == "safe_prompt" and "not supported" in err["message"]
+    assert http.post(CHAT, json={**body, "prompt_mode": None}).status_code == 200
+    err = http.post(CHAT, json={**body, "prompt_mode": "reasoning"}).json()["error"]
+    assert err["param"] == "prompt_mode" and "not supported" in err["message"]
+
+
+def test_tpot_is_per_sequence_when_choices_decode_side_by_side():
+    from server.metrics import Metrics, RequestTimer
+    metrics = Metrics(lambda: None, "m")
+    timer = RequestTimer("r", "openai-chat")
+    timer.token()
+    time.sleep(0.08)
+    timer.finish(metrics, 5, 4 * 9, 0, "length", sequence_tokens=9)       # 4 choices of 9 tokens
+    tpot = metrics.tpot.labels("m")
+    (total,) = [s.value for s in tpot.collect()[0].samples if s.name.endswith("_sum")]
+    elapsed = time.monotonic() - timer.first_token
+    assert 0.08 / 8 <= total <= elapsed / 8           # over 8 gaps of one sequence, not 35 of all four
 
 
 def test_models_carry_mistrals_fields_and_can_be_retrieved(live, http):
