@@ -81,25 +81,24 @@ class EventStream(StreamingResponse):
         self.gen, self.stall_timeout, self.connection = gen, stall_timeout, connection
 
     async def stream_response(self, send) -> None:
-        try:
-            self.connection.limit_send_buffer(SSE_SEND_BUFFER)
+        self.connection.limit_send_buffer(SSE_SEND_BUFFER)
 
-            async def send_unless_stalled(message):
-                try:
-                    async with asyncio.timeout(self.stall_timeout or None):
-                        await send(message)
-                except TimeoutError:
-                    raise ClientStalled() from None
-
+        async def send_unless_stalled(message):
             try:
-                await super().stream_response(send_unless_stalled)
-            except ClientStalled:
-                log.warning("request %s: the client read nothing for %g s (--stall-timeout): aborted, connection "
-                            "cut", self.gen.request_id, self.stall_timeout)
-                self.gen.ticket.interrupt(ApiError(408, ABORTED, "Request was aborted: the client stopped "
-                                                                 "reading"), CLIENT_STALLED)
-                await self.body_iterator.aclose()
-                self.connection.cut()
+                async with asyncio.timeout(self.stall_timeout or None):
+                    await send(message)
+            except TimeoutError:
+                raise ClientStalled() from None
+
+        try:
+            await super().stream_response(send_unless_stalled)
+        except ClientStalled:
+            log.warning("request %s: the client read nothing for %g s (--stall-timeout): aborted, connection cut",
+                        self.gen.request_id, self.stall_timeout)
+            self.gen.ticket.interrupt(ApiError(408, ABORTED, "Request was aborted: the client stopped reading"),
+                                      CLIENT_STALLED)
+            await self.body_iterator.aclose()
+            self.connection.cut()
         finally:    # the SSE loop closes it once started; a client gone before the first byte never starts it
             self.gen.close()
 
