@@ -213,8 +213,10 @@ class Generation:
                 if d.text or d.tool_calls or d.logprobs or d.prompt_logprobs or d.finished:
                     yield d
         except (EngineDeadError, RequestFailed) as e:
+            # this request's own failure is said; the engine's death is the server log's (never its exception)
+            why = str(e) if isinstance(e, RequestFailed) else "the engine stopped after an internal error"
             self.ticket.interrupt(ApiError(500, INTERNAL, f"internal error while generating (request id "
-                                                          f"{self.request_id}): {e}"), ERROR)
+                                                          f"{self.request_id}): {why}"), ERROR)
             raise self.ticket.error from None
 
     def _start(self, d: Delta, out: RequestOutput) -> None:
