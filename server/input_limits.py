@@ -3,9 +3,24 @@ characters before tokenizing, image counts and pixels from each image's header b
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 from engine.image_processor import ImageError, image_size
 from server.errors import bad_input, too_large
 from server.limits import Limits
+
+
+async def check_prompts(prompts: list, tools: list[dict] | None, limits: Limits,
+                        run: Callable[[Awaitable], Awaitable] | None = None) -> None:
+    """Everything the limits say of a request's prompts: text first, then the images' headers in a worker
+    thread (a header far into its payload costs decoding the base64), awaited through `run` when given (an
+    admission ticket's, so that an interruption cancels the wait)."""
+    check_text(prompts, tools, limits)
+    for prompt in prompts:
+        if has_images(prompt):
+            work = asyncio.to_thread(check_images, prompt, limits)
+            await (run(work) if run is not None else work)
 
 
 def check_text(prompt: str | list[dict], tools: list[dict] | None, limits: Limits) -> None:

@@ -29,7 +29,7 @@ from engine.tokenizer import PromptError
 from engine.tool_calls import ToolCallDelta
 from server.admission import CLIENT_DISCONNECTED, ERROR, Ticket
 from server.errors import INTERNAL, ApiError, bad_input, context_window, unavailable
-from server.input_limits import check_images, check_text, has_images
+from server.input_limits import check_prompts
 from server.limits import Limits
 from server.metrics import RequestTimer
 from server.structured import OutputSplitter, compile_grammar
@@ -119,10 +119,7 @@ async def start(state, req: GenerationRequest) -> Generation:
 
 
 async def _prepare(llm: AsyncLLM, ticket: Ticket, limits: Limits, req: GenerationRequest) -> list[RequestStream]:
-    check_text(list(req.prompts), req.tools, limits)
-    for prompt in req.prompts:      # headers only, but a whole base64 payload may need decoding: off the loop
-        if has_images(prompt):
-            await ticket.run(asyncio.to_thread(check_images, prompt, limits))
+    await check_prompts(list(req.prompts), req.tools, limits, ticket.run)
     params = _with_prompt_logprobs(req)
     if req.schema is not None or req.tools is not None:
         try:    # the first grammar builds llguidance's tokenizer (seconds): never on the event loop

@@ -19,7 +19,7 @@ from engine.image_processor import ImageError
 from engine.tokenizer import PromptError
 from server import openapi
 from server.errors import bad_input
-from server.input_limits import check_images, check_text, has_images
+from server.input_limits import check_prompts
 from server.openai_api import check_model
 from server.pipeline import with_bos
 from server.protocol import Bool, Message, Str, TokenIds, Tool, parse
@@ -98,10 +98,7 @@ async def tokenize(request: Request):
         prompt, is_raw, tools = body.prompt if body.add_special_tokens is False else with_bos(body.prompt), True, None
     else:
         prompt, is_raw, tools = raw["messages"], False, parse_tools(raw.get("tools"))
-    limits = state.settings.limits          # what generation would refuse, refused here too, first
-    check_text(prompt, tools, limits)
-    if has_images(prompt):
-        await asyncio.to_thread(check_images, prompt, limits)
+    await check_prompts([prompt], tools, state.settings.limits)    # what generation refuses, refused first
     try:        # tokenizing (and decoding images) is a worker thread's job, never the event loop's
         ids = (await asyncio.to_thread(engine.encode, prompt, is_raw, tools)).token_ids
     except (PromptError, ImageError, ValueError) as e:
